@@ -1,0 +1,34 @@
+# `make book` and `make test` each set up .venv on a fresh machine first.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# Without a CUDA driver, pin the CPU build of torch (constraints-cpu.txt); on a GPU workstation take the normal build.
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo yes)
+PIP_CONSTRAINT_FLAG := $(if $(HAS_GPU),,-c constraints-cpu.txt)
+
+.PHONY: setup test test-fast book bench clean-book
+
+$(STAMP): pyproject.toml constraints-cpu.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q $(PIP_CONSTRAINT_FLAG) -e ".[book,dev]" 2>&1 | grep -v 'is ignored' || true
+	$(BIN)/python -c "import instab_core, torch, transformers, papermill, jupyter_book"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+test: setup
+	$(BIN)/python -m pytest -q -rs
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -rs -m "not slow"
+
+book: setup
+	$(BIN)/instab book
+
+bench: setup
+	$(BIN)/python benchmarks/bench_boundary.py
+	$(BIN)/python benchmarks/bench_jacobian.py
+
+clean-book:
+	rm -rf _build book/experiments/*.ipynb
