@@ -1,0 +1,458 @@
+"""Execute the experiment notebooks with papermill and build the book with Jupyter Book 1.x.
+
+Used by the ``instab`` command (``instab run``, ``instab book``) and by tests/test_book.py.
+Source notebooks live in ``nbs/``; executed copies go to ``book/experiments/`` (gitignored), which
+``_toc.yml`` names; ``jupyter-book build`` never executes anything (execution is off in _config.yml).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nbformat
+import yaml
+
+EXPERIMENTS_DIR = "book/experiments"
+STATIC_DIR = "book/_static"
+MATHJAX_VERSION = "3.2.2"
+MATHJAX_FILE = "mathjax/tex-svg-full.js"  # relative to STATIC_DIR; must match mathjax_path in _config.yml
+PLOTLY_MIME = "application/vnd.plotly.v1+json"
+GRAPH_DIV = 'class="plotly-graph-div"'
+_REMOVED_OUTPUT_TAGS = {"remove-output", "remove-cell"}
+
+
+@dataclass
+class NotebookRun:
+    """The outcome of executing (or, for ``build_book(run=False)``, inspecting) one notebook."""
+
+    name: str  # experiment key, e.g. "exp12"
+    executed: Path  # book/experiments/<stem>.ipynb (kept on failure: the book shows where it failed)
+    results: list[Path] = field(default_factory=list)  # run folders the results store recorded
+    ok: bool = False
+    error: str | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class BookReport:
+    """What ``build_book_report`` did: per-notebook runs, plot checks, and the jupyter-book build."""
+
+    root: Path
+    runs: dict[str, NotebookRun]
+    build_ok: bool
+    problems: list[str]  # plot-loss and build problems, one line each
+    figures: dict[str, int] = field(default_factory=dict)  # experiment -> figures in its executed notebook
+
+    @property
+    def html(self) -> Path:
+        return self.root / "_build" / "html"
+
+    @property
+    def failed(self) -> list[str]:
+        return [n for n, r in self.runs.items() if not r.ok]
+
+    @property
+    def returncode(self) -> int:
+        return 0 if self.build_ok and not self.failed and not self.problems else 1
+
+    def page(self, name: str) -> Path:
+        """The built HTML page of experiment ``name``."""
+        return self.html / EXPERIMENTS_DIR / (self.runs[name].executed.stem + ".html")
+
+
+# --- where things are -------------------------------------------------------------------------
+
+
+def repo_root(start: Path | None = None) -> Path:
+    """The nearest directory at or above ``start`` (default: cwd) holding ``_toc.yml`` and ``nbs/``."""
+    here = Path(start or Path.cwd()).resolve()
+    for d in (here, *here.parents):
+        if (d / "_toc.yml").is_file() and (d / "nbs").is_dir():
+            return d
+    raise FileNotFoundError(
+        f"run instab inside an instab checkout; notebooks live in nbs/ (no _toc.yml and nbs/ at or above {here})"
+    )
+
+
+def _key(stem: str) -> str:
+    return stem.split("_")[0]
+
+
+def toc_stems(root: Path) -> list[str]:
+    """Notebook stems that ``_toc.yml`` lists under book/experiments/, in book order."""
+    toc = yaml.safe_load((Path(root) / "_toc.yml").read_text()) or {}
+    stems: list[str] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            f = node.get("file")
+            if isinstance(f, str) and f.startswith(EXPERIMENTS_DIR + "/"):
+                stems.append(Path(f).name.removesuffix(".ipynb").removesuffix(".md"))
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(toc)
+    return stems
+
+
+def experiments(root: Path | None = None) -> dict[str, Path]:
+    """Source notebooks ``nbs/*.ipynb`` by key (``exp12_polar_boundary.ipynb`` -> "exp12").
+
+    Order: as listed in ``_toc.yml``, then the rest sorted by file name. Files starting with
+    "_" or "." (templates, scratch) are skipped.
+    """
+    root = Path(root or repo_root())
+    by_stem = {p.stem: p for p in sorted((root / "nbs").glob("*.ipynb")) if not p.name.startswith(("_", "."))}
+    order = [s for s in toc_stems(root) if s in by_stem] + [s for s in by_stem if s not in toc_stems(root)]
+    out: dict[str, Path] = {}
+    for stem in order:
+        key = _key(stem)
+        if key in out and out[key] != by_stem[stem]:
+            raise ValueError(f"two notebooks share the key {key!r}: {out[key].name} and {by_stem[stem].name}")
+        out[key] = by_stem[stem]
+    return out
+
+
+def _metadata(nb_path: Path) -> dict:
+    return dict(nbformat.read(nb_path, as_version=4).metadata.get("instab", {}))
+
+
+def smoke_parameters(name: str, root: Path | None = None) -> dict:
+    """``metadata["instab"]["smoke_parameters"]`` of experiment ``name`` (fast test settings; {} if none)."""
+    return dict(_metadata(_source(name, Path(root or repo_root()))).get("smoke_parameters", {}))
+
+
+def _source(name: str, root: Path) -> Path:
+    nbs = experiments(root)
+    if name in nbs:
+        return nbs[name]
+    for p in nbs.values():  # also accept the full stem, "exp12_polar_boundary"
+        if p.stem == name:
+            return p
+    raise ValueError(f"unknown experiment {name!r}; known: {', '.join(nbs) or '(no notebooks in nbs/)'}")
+
+
+# --- executing notebooks ----------------------------------------------------------------------
+
+
+def run_notebook(
+    name: str,
+    parameters: dict | None = None,
+    root: Path | None = None,
+    out_dir: Path | None = None,
+    results_root: Path | None = None,
+    progress: bool = True,
+) -> NotebookRun:
+    """Execute ``nbs/<stem>.ipynb`` with papermill into ``<out_dir>/<stem>.ipynb`` (default book/experiments).
+
+    The kernel runs with cwd = the repo root and inherits ``INSTAB_RUN_RECORD`` (a temp file where
+    the results store appends each finished run folder) and, if given, ``INSTAB_RESULTS``.
+    A failure does not raise: it is reported in the returned ``NotebookRun``, and the partially
+    executed notebook is kept at the output path.
+    """
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    root = Path(root or repo_root()).resolve()
+    src = _source(name, root)
+    key = _key(src.stem)
+    out_dir = Path(out_dir) if out_dir is not None else root / EXPERIMENTS_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / src.name
+    # Same directory as the output so os.replace is atomic; the name is gitignored (*.ipynb).
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{src.stem}.", suffix=".tmp.ipynb", dir=out_dir)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    fd, record_name = tempfile.mkstemp(prefix="instab-run-record-", suffix=".txt")
+    os.close(fd)
+    record = Path(record_name)
+
+    env = {"INSTAB_RUN_RECORD": str(record)}
+    if results_root is not None:
+        env["INSTAB_RESULTS"] = str(Path(results_root).resolve())
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # papermill starts the kernel with this process's environment
+    ok, error = True, None
+    t0 = time.perf_counter()
+    try:
+        papermill.execute_notebook(
+            str(src),
+            str(tmp),
+            parameters=dict(parameters or {}),
+            kernel_name="python3",
+            cwd=str(root),
+            log_output=False,
+            progress_bar=progress,
+        )
+    except PapermillExecutionError as e:
+        ok, error = False, f"cell {e.exec_count}: {e.ename}: {e.evalue}"
+    except Exception as e:  # kernel death, bad parameter names, ...: report, keep going
+        ok, error = False, f"{type(e).__name__}: {e}"
+    finally:
+        seconds = time.perf_counter() - t0
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        lines = record.read_text().splitlines() if record.exists() else []
+        record.unlink(missing_ok=True)
+        if tmp.exists() and tmp.stat().st_size > 0:
+            os.replace(tmp, out)
+        else:
+            tmp.unlink(missing_ok=True)
+            out.unlink(missing_ok=True)  # no output at all: never leave a stale page from an older run
+    return NotebookRun(
+        name=key,
+        executed=out,
+        results=[Path(s.strip()) for s in lines if s.strip()],
+        ok=ok,
+        error=error,
+        seconds=seconds,
+    )
+
+
+def _inspect_executed(name: str, path: Path) -> NotebookRun:
+    """A NotebookRun for an already executed notebook (``build_book(run=False)``)."""
+    if not path.exists():
+        return NotebookRun(name, path, ok=False, error="not executed (no notebook in book/experiments/)")
+    md = nbformat.read(path, as_version=4).metadata
+    if md.get("instab", {}).get("stub"):
+        return NotebookRun(name, path, ok=False, error="not executed (stub page)")
+    pm = md.get("papermill", {})
+    failed = bool(pm.get("exception"))
+    return NotebookRun(
+        name,
+        path,
+        ok=not failed,
+        error="the executed notebook holds an error" if failed else None,
+        seconds=float(pm.get("duration") or 0.0),
+    )
+
+
+def _write_stub(path: Path, title: str, reason: str) -> None:
+    """A placeholder page so jupyter-book still builds when a toc notebook has no executed copy."""
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["instab"] = {"stub": True}
+    nb.cells.append(
+        nbformat.v4.new_markdown_cell(
+            f"# {title}\n\n```{{warning}}\nThis notebook was not run: {reason}.\n```\n"
+        )
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, path)
+
+
+# --- the book ---------------------------------------------------------------------------------
+
+
+def _copy_plotly_js(root: Path) -> None:
+    """plotly.js ships with the book (offline); jupyter-book copies book/_static into _build/html/_static."""
+    import plotly
+
+    src = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
+    dst = root / STATIC_DIR / "plotly.min.js"
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if not dst.exists() or dst.read_bytes() != src.read_bytes():
+        shutil.copyfile(src, dst)
+
+
+def _ensure_mathjax(root: Path) -> str | None:
+    """Vendor MathJax (one self-contained file) so pages with math load no CDN script.
+
+    Sphinx's default mathjax_path is a CDN; _config.yml points it at _static/mathjax/ instead.
+    Fetched once with ``npm pack`` (npm registry) and kept in book/_static/mathjax/ (gitignored).
+    Returns a warning when it cannot be fetched: math then shows as TeX source, still offline.
+    """
+    dst = root / STATIC_DIR / MATHJAX_FILE
+    if dst.exists():
+        return None
+    npm = shutil.which("npm")
+    if npm is None:
+        return "npm not found: math will show as TeX source (MathJax is vendored with `npm pack`)"
+    with tempfile.TemporaryDirectory() as tmp:
+        r = subprocess.run(
+            [npm, "pack", f"mathjax@{MATHJAX_VERSION}", "--silent"], cwd=tmp, capture_output=True, text=True
+        )
+        tgz = Path(tmp) / f"mathjax-{MATHJAX_VERSION}.tgz"
+        if r.returncode != 0 or not tgz.exists():
+            return f"npm pack mathjax@{MATHJAX_VERSION} failed: math will show as TeX source ({r.stderr.strip()[-300:]})"
+        with tarfile.open(tgz) as tf:
+            for member, target in (("package/es5/tex-svg-full.js", dst), ("package/LICENSE", dst.with_name("LICENSE"))):
+                data = tf.extractfile(member)
+                assert data is not None
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(data.read())
+    return None
+
+
+def _jupyter_book_build(root: Path) -> tuple[bool, list[str]]:
+    """Run ``jupyter-book build <root>`` (jupyter_book has no __main__, so call its click entry point)."""
+    cmd = [sys.executable, "-c", "import sys; from jupyter_book.cli.main import main; sys.exit(main())"]
+    env = {**os.environ, "NO_COLOR": "1"}  # plain log lines for the summary
+    r = subprocess.run([*cmd, "build", str(root)], cwd=root, capture_output=True, text=True, env=env)
+    log = [re.sub(r"\x1b\[[0-9;]*m", "", ln) for ln in (r.stdout + r.stderr).splitlines()]
+    warnings = [ln for ln in log if "WARNING" in ln or "ERROR" in ln]
+    if r.returncode != 0:
+        return False, warnings + ["jupyter-book build failed:"] + log[-30:]
+    return True, warnings
+
+
+def _shown_outputs(nb: nbformat.NotebookNode):
+    for cell in nb.cells:
+        if cell.get("cell_type") != "code" or _REMOVED_OUTPUT_TAGS & set(cell.get("metadata", {}).get("tags", [])):
+            continue
+        yield from cell.get("outputs", [])
+
+
+def check_figures(executed: Path, page: Path) -> tuple[int, list[str]]:
+    """Guard against silent plot loss (myst-nb drops the plotly mimetype without an error).
+
+    Every output with the plotly mimetype must also carry text/html (``use_book_renderer()``), and the
+    built page must hold as many plotly graph divs as the notebook's shown outputs.
+    Returns (figures in the notebook, problems).
+    """
+    nb = nbformat.read(executed, as_version=4)
+    problems: list[str] = []
+    n_mime = n_div = missing = 0
+    for out in _shown_outputs(nb):
+        data = out.get("data", {})
+        html = data.get("text/html", "")
+        html = "".join(html) if isinstance(html, list) else html
+        n_div += html.count(GRAPH_DIV)
+        if PLOTLY_MIME in data:
+            n_mime += 1
+            missing += "text/html" not in data
+    if missing:
+        problems.append(
+            f"{executed.name}: {missing} plotly output(s) without text/html "
+            "(call instab_core.plots.use_book_renderer() in the first cell)"
+        )
+    if not page.exists():
+        problems.append(f"{executed.name}: built page {page} missing")
+    else:
+        on_page = page.read_text(errors="replace").count(GRAPH_DIV)
+        if on_page != n_div:
+            problems.append(f"{executed.name}: notebook has {n_div} plotly figure(s), built page has {on_page}")
+    return max(n_div, n_mime), problems
+
+
+def build_book_report(
+    root: Path | None = None,
+    run: bool = True,
+    parameters_for: dict[str, dict] | None = None,
+    results_root: Path | None = None,
+) -> BookReport:
+    """Execute every notebook (unless ``run=False``), build ``_build/html`` and check the figures."""
+    from tqdm.auto import tqdm
+
+    root = Path(root or repo_root()).resolve()
+    parameters_for = parameters_for or {}
+    nbs = experiments(root)
+    out_dir = root / EXPERIMENTS_DIR
+    runs: dict[str, NotebookRun] = {}
+
+    bar = tqdm(list(nbs), desc="notebooks", unit="nb", disable=not (nbs and run))
+    for name in bar:
+        bar.set_postfix_str(name)
+        if run:
+            runs[name] = run_notebook(
+                name, parameters_for.get(name, {}), root, results_root=results_root, progress=False
+            )
+        else:
+            runs[name] = _inspect_executed(name, out_dir / nbs[name].name)
+    bar.close()
+
+    # Pages the toc names but nothing executed: a stub keeps the build going; the run counts as failed.
+    for stem in toc_stems(root):
+        path = out_dir / f"{stem}.ipynb"
+        key = _key(stem)
+        src = root / "nbs" / f"{stem}.ipynb"
+        if key not in runs or runs[key].executed.stem != stem:  # no source: replace what an older build left
+            key = key if key not in runs else stem
+            runs[key] = NotebookRun(key, path, ok=False, error=f"no source notebook nbs/{stem}.ipynb")
+            _write_stub(path, stem, f"there is no source notebook nbs/{stem}.ipynb")
+        elif not path.exists():
+            title = _metadata(src).get("title", stem)
+            err = runs[key].error or "unknown error"
+            _write_stub(path, title, f"it failed before producing output ({err})" if run else err)
+
+    _copy_plotly_js(root)
+    problems: list[str] = []
+    mj = _ensure_mathjax(root)
+    if mj:
+        print(f"warning: {mj}", file=sys.stderr)
+    build_ok, log = _jupyter_book_build(root)
+    if not build_ok:
+        problems.extend(log)
+    elif log:
+        print("jupyter-book warnings:\n  " + "\n  ".join(log), file=sys.stderr)
+
+    report = BookReport(root, runs, build_ok, problems)
+    toc = set(toc_stems(root))
+    for name, r in runs.items():
+        if r.executed.stem not in toc:
+            print(f"note: {r.executed.name} is not in _toc.yml, so it is not in the book", file=sys.stderr)
+            continue
+        if build_ok and r.executed.exists() and not _is_stub(r.executed):
+            n, p = check_figures(r.executed, report.page(name))
+            report.figures[name] = n
+            problems.extend(p)
+    return report
+
+
+def _is_stub(path: Path) -> bool:
+    return bool(nbformat.read(path, as_version=4).metadata.get("instab", {}).get("stub"))
+
+
+def print_summary(report: BookReport) -> None:
+    """A plain table: notebook, ok, seconds, results folder (or the error)."""
+    rows = []
+    for name, r in report.runs.items():
+        if r.ok:
+            where = ", ".join(_rel(p, report.root) for p in r.results) or "-"
+        else:
+            where = (r.error or "failed").splitlines()[0][:100]
+        rows.append((r.executed.stem, "ok" if r.ok else "FAIL", f"{r.seconds:.1f}", where))
+    head = ("notebook", "ok", "seconds", "results folder")
+    widths = [max(len(x) for x in col) for col in zip(head, *rows)]
+    for row in (head, *rows):
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    for p in report.problems:
+        print(f"problem: {p}")
+    if report.build_ok:
+        print(f"book: {report.html / 'index.html'}")
+    if report.failed:
+        print(f"FAILED notebooks: {', '.join(report.failed)}")
+
+
+def _rel(p: Path, root: Path) -> str:
+    try:
+        return str(Path(p).resolve().relative_to(root))
+    except ValueError:
+        return str(p)
+
+
+def build_book(
+    root: Path | None = None,
+    run: bool = True,
+    parameters_for: dict[str, dict] | None = None,
+    results_root: Path | None = None,
+) -> int:
+    """Execute every notebook, build the book, print a summary; 0 when everything passed, else 1."""
+    report = build_book_report(root, run=run, parameters_for=parameters_for, results_root=results_root)
+    print_summary(report)
+    return report.returncode

@@ -1,0 +1,124 @@
+"""Shared fixtures: the repository root, the built book, and a headless Chromium to look at it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# toolchain.md section 4: flags that keep headless Chromium quiet and self-contained.
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+]
+LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", ""}
+
+
+@pytest.fixture(scope="session")
+def repo() -> Path:
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def built_book(tmp_path_factory: pytest.TempPathFactory):
+    """Execute every notebook with its smoke parameters and build the book into the real repo.
+
+    book/experiments/ and _build/ are gitignored, so building in place is fine; results go to a
+    temporary INSTAB_RESULTS so test runs never touch results/.
+    """
+    from instab_core import book
+
+    results = tmp_path_factory.mktemp("results")
+    params = {n: book.smoke_parameters(n, REPO) for n in book.experiments(REPO)}
+    report = book.build_book_report(REPO, run=True, parameters_for=params, results_root=results)
+    book.print_summary(report)  # shown with pytest -s or on failure
+    return report
+
+
+def _find_chromium() -> str | None:
+    for name in ("/usr/bin/chromium", "chromium", "chromium-browser"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Path to Chromium; skipped locally if missing, a failure under CI (which installs it)."""
+    path = _find_chromium()
+    if path is None:
+        msg = "chromium not installed: apt-get install chromium"
+        if os.environ.get("CI"):
+            pytest.fail(msg + " (CI must install it: .ci/run does)")
+        pytest.skip(msg)
+    return path
+
+
+@dataclass
+class Rendered:
+    """What headless Chromium saw: the DOM after scripts ran, and the page's own network requests."""
+
+    dom: str
+    external: list[str]  # page requests to anything but file:// and localhost
+    page_requests: list[str]  # every http(s)/ws request the page made (initiator = the page)
+    background: list[str]  # Chromium's own requests (update checks, accounts): not the page's
+
+
+def load_page(chromium: str, url: str, window: str = "1280,2200", screenshot: Path | None = None) -> Rendered:
+    """Load ``url`` in a fresh headless Chromium profile; return the DOM and the network requests."""
+    with tempfile.TemporaryDirectory(prefix="instab-chromium-") as tmp:
+        netlog = Path(tmp) / "netlog.json"
+        cmd = [
+            chromium,
+            *CHROMIUM_FLAGS,
+            f"--user-data-dir={Path(tmp) / 'profile'}",
+            f"--window-size={window}",
+            "--virtual-time-budget=15000",  # let the page's scripts (plotly, MathJax) run before the capture
+            f"--log-net-log={netlog}",
+        ]
+        cmd += [f"--screenshot={screenshot}"] if screenshot else ["--dump-dom"]
+        r = subprocess.run([*cmd, url], capture_output=True, text=True, timeout=120)
+        if r.returncode != 0:
+            raise RuntimeError(f"chromium failed ({r.returncode}): {r.stderr[-2000:]}")
+        page, background = _requests(netlog)
+    external = [u for u in page if urlparse(u).hostname not in LOCAL_HOSTS]
+    return Rendered(dom=r.stdout, external=external, page_requests=page, background=background)
+
+
+def _requests(netlog: Path) -> tuple[list[str], list[str]]:
+    """Split the net-log's URL requests into the page's and Chromium's own.
+
+    Measured on Chromium 156: requests a page makes carry its origin as initiator ("null" for a
+    file:// page); Chromium's background requests (accounts.google.com, update.googleapis.com,
+    clients2.google.com, despite the flags) carry "not an origin". file:// loads are not in the log.
+    """
+    text = netlog.read_text()
+    try:
+        log = json.loads(text)
+    except json.JSONDecodeError:  # Chromium killed before it closed the JSON
+        log = json.loads(text.rstrip().rstrip(",") + "]}")
+    names = {v: k for k, v in log["constants"]["logEventTypes"].items()}
+    page: list[str] = []
+    background: list[str] = []
+    for ev in log["events"]:
+        params = ev.get("params") or {}
+        if names.get(ev["type"]) != "URL_REQUEST_START_JOB" or "url" not in params:
+            continue
+        (background if params.get("initiator") == "not an origin" else page).append(params["url"])
+    return page, background

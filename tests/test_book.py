@@ -1,0 +1,128 @@
+"""The book: every notebook executes, the build keeps every figure, and the pages render offline.
+
+Slow (runs every notebook with its smoke parameters, then jupyter-book); `make test-fast` skips it.
+"""
+
+from __future__ import annotations
+
+import html.parser
+import re
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, load_page
+from instab_core import book
+
+pytestmark = pytest.mark.slow
+
+
+def _book_names() -> list[str]:
+    """Experiments in book order: notebooks in nbs/ plus toc pages whose notebook is missing."""
+    names = list(book.experiments(REPO))
+    for stem in book.toc_stems(REPO):
+        key = stem.split("_")[0]
+        if key not in names:
+            names.append(key)
+    return names
+
+
+NAMES = _book_names()
+TOC_NAMES = [s.split("_")[0] for s in book.toc_stems(REPO)]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_notebook_ran(built_book, name: str) -> None:
+    run = built_book.runs[name]
+    assert run.ok, f"{run.executed.name}: {run.error}"
+
+
+def test_book_built(built_book) -> None:
+    assert built_book.build_ok, "\n".join(built_book.problems)
+    assert (built_book.html / "index.html").is_file()
+
+
+@pytest.mark.parametrize("name", TOC_NAMES)
+def test_figures_survive_build(built_book, name: str) -> None:
+    """No silent plot loss: every plotly output has text/html and reaches the built page."""
+    stem = built_book.runs[name].executed.name
+    problems = [p for p in built_book.problems if p.startswith(stem)]
+    assert not problems, "\n".join(problems)
+
+
+class _AssetRefs(html.parser.HTMLParser):
+    """Collects what a page loads (scripts, stylesheets, images, frames) — not prose links <a href>."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refs: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        if tag in ("script", "img", "iframe", "source", "audio", "video", "embed"):
+            self.refs.append(a.get("src") or "")
+        elif tag == "link":
+            self.refs.append(a.get("href") or "")
+        elif tag == "object":
+            self.refs.append(a.get("data") or "")
+
+
+def test_no_external_assets(built_book) -> None:
+    """No built page references a script, stylesheet or other asset by http(s):// (or //host)."""
+    offenders = []
+    pages = sorted(built_book.html.rglob("*.html"))
+    assert pages
+    for page in pages:
+        parser = _AssetRefs()
+        parser.feed(page.read_text(errors="replace"))
+        for ref in parser.refs:
+            if re.match(r"^(https?:)?//", ref.strip(), re.I):
+                offenders.append(f"{page.relative_to(built_book.html)}: {ref}")
+    for css in sorted(built_book.html.rglob("*.css")):
+        for ref in re.findall(r"(?:@import\s+|url\()\s*['\"]?((?:https?:)?//[^'\")\s]+)", css.read_text(errors="replace")):
+            offenders.append(f"{css.relative_to(built_book.html)}: {ref}")
+    assert not offenders, "external assets:\n" + "\n".join(offenders)
+
+
+@pytest.fixture(scope="session")
+def rendered(built_book, chromium):
+    """Each page loaded once over file:// in headless Chromium (cached across tests)."""
+    cache: dict[Path, object] = {}
+
+    def get(page: Path):
+        if page not in cache:
+            cache[page] = load_page(chromium, page.resolve().as_uri())
+        return cache[page]
+
+    return get
+
+
+def test_netlog_sees_external_requests(chromium, tmp_path: Path) -> None:
+    """Control: the net-log check does flag a page that fetches from a CDN (else the offline test is vacuous)."""
+    page = tmp_path / "cdn.html"
+    page.write_text('<html><head><script src="https://cdn.jsdelivr.net/npm/x@1/x.js"></script></head><body>x</body></html>')
+    seen = load_page(chromium, page.as_uri())
+    assert any("cdn.jsdelivr.net" in u for u in seen.external), seen
+
+
+@pytest.mark.parametrize("page", ["book/intro.html", "book/method.html"])
+def test_front_pages_offline(built_book, rendered, page: str) -> None:
+    seen = rendered(built_book.html / page)
+    assert not seen.external, f"{page} requested: {seen.external}"
+
+
+@pytest.mark.parametrize("name", TOC_NAMES)
+def test_experiment_page_renders_offline(built_book, rendered, name: str) -> None:
+    """The page's plotly figures render from file:// with nothing fetched from the network."""
+    page = built_book.page(name)
+    assert page.is_file(), page
+    seen = rendered(page)
+    assert not seen.external, f"{page.name} requested: {seen.external}"
+    if not built_book.runs[name].ok:
+        pytest.skip(f"{name} did not run (see test_notebook_ran); its page was only checked for requests")
+    figures = built_book.figures.get(name, 0)
+    assert figures > 0, f"{page.name}: the notebook shows no plotly figure"
+    svgs = len(re.findall(r'class="main-svg"', seen.dom))
+    plots = len(re.findall(r'class="plotly-graph-div js-plotly-plot"', seen.dom))
+    assert svgs > 0 and svgs >= figures, f"{page.name}: {svgs} main-svg for {figures} figures (plotly.js did not draw)"
+    assert plots == figures, f"{page.name}: plotly drew {plots} of {figures} figures"
