@@ -122,3 +122,8 @@ def _requests(netlog: Path) -> tuple[list[str], list[str]]:
             continue
         (background if params.get("initiator") == "not an origin" else page).append(params["url"])
     return page, background
+
+
+def pytest_report_header(config):
+    from randmodels import SESSION_SEED
+    return f"instab random-input seed: {SESSION_SEED} (replay with INSTAB_TEST_SEED={SESSION_SEED})"

@@ -1,0 +1,306 @@
+"""First output change along rays from x0: the exact stability boundary.
+
+For a unit direction d and the float32 input X(s) = fl32(x0 + s·d) (see :mod:`instab_core.fp`),
+the boundary is the smallest float32 scale s ≤ s_max at which the probe's output differs from the
+reference (bitwise, or by more than ``threshold``). X(s) is piecewise constant in s, with
+breakpoints found without the model, so the exact method evaluates the model only at the distinct
+input states, in increasing s, batched across rays, and takes the first state whose output
+changed. It assumes nothing about monotonicity of "changed" in s, never walks one ULP at a time
+and is bounded by ``max_states`` per ray.
+
+Per ray it reports ``s_in`` (first input change, model-free), ``s_out`` (first output change),
+``absorbed`` (input changes the model absorbed before s_out), ``s_below`` (largest unchanged s),
+and the input and output L2 changes at s_out.
+
+The seed's method (bisection then a ULP walk) is offered as ``method="bisect"``, done as bisection
+on the float32 bit pattern (at most 33 evaluations per ray, batched); it assumes monotonicity
+and can therefore land on a later transition than the first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import fp
+from .numerics import BatchAudit, batch_invariance_audit
+from .probe import Probe
+
+Method = Literal["exact", "bisect"]
+Semantics = Literal["batched", "batch1"]
+
+
+class Checkpoint(Protocol):
+    """Where a long kernel saves finished blocks and finds them again after an interruption."""
+
+    def load(self, key: str) -> dict[str, np.ndarray] | None: ...
+
+    def save(self, key: str, arrays: dict[str, np.ndarray]) -> None: ...
+
+
+class BatchVarianceError(RuntimeError):
+    """Rows inside the fixed batch depend on their position or companions: batched bitwise results would be invalid."""
+
+
+@dataclass
+class BoundaryResult:
+    """Per-ray boundary data; arrays have one entry per ray.
+
+    ``status``: "found" (s_out ≤ s_max), "stable" (no output change up to s_max), "capped"
+    (``max_states`` distinct inputs evaluated without a change: undetermined, not stable).
+    """
+
+    s_in: np.ndarray  # float32, +inf if the input never changes up to s_max
+    s_out: np.ndarray  # float32, NaN unless found
+    s_below: np.ndarray  # float32, largest s known unchanged below s_out (NaN unless found)
+    absorbed: np.ndarray  # int64, input changes before s_out whose output equalled the reference
+    emb_l2: np.ndarray  # float64, ‖X(s_out) − x0‖
+    hid_l2: np.ndarray  # float64, ‖f(X(s_out)) − f(x0)‖
+    states: np.ndarray  # int64, distinct input states evaluated (exact) or evaluations (bisect)
+    status: np.ndarray  # str
+    rows: int  # forward rows run, padding included
+    params: dict[str, Any] = field(default_factory=dict)
+    audit: dict[str, Any] | None = None
+
+    def table(self, **columns: np.ndarray) -> pd.DataFrame:
+        """One row per ray; extra ``columns`` (e.g. theta) come first."""
+        data = dict(columns)
+        for name in ("s_in", "s_out", "s_below", "absorbed", "emb_l2", "hid_l2", "states", "status"):
+            data[name] = getattr(self, name)
+        return pd.DataFrame(data)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {k: getattr(self, k) for k in ("s_in", "s_out", "s_below", "absorbed", "emb_l2", "hid_l2",
+                                              "states", "status")}
+
+
+def _check_inputs(probe: Probe, D: torch.Tensor, s_max: float, threshold: float) -> torch.Tensor:
+    if probe.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"boundary search needs a float32 or float64 model (the perturbed input is float32); got {probe.dtype}")
+    if not torch.equal(probe.x0.float().to(probe.dtype), probe.x0):
+        raise ValueError("x0 is not exactly representable in float32; the float32 input lattice does not apply")
+    if not (np.isfinite(s_max) and s_max > 0):
+        raise ValueError(f"s_max must be a positive finite number, got {s_max}")
+    if np.float32(s_max) != s_max and not np.isfinite(np.float32(s_max)):
+        raise ValueError(f"s_max={s_max} overflows float32")
+    if threshold < 0 or not np.isfinite(threshold):
+        raise ValueError(f"threshold must be finite and >= 0, got {threshold}")
+    D = torch.as_tensor(D)
+    if D.ndim == 1:
+        D = D[None]
+    if D.ndim != 2 or D.shape[1] != probe.d:
+        raise ValueError(f"directions must have shape [rays, {probe.d}], got {tuple(D.shape)}")
+    if not torch.isfinite(D).all():
+        raise ValueError("directions contain non-finite entries")
+    D = D.to(device=probe.x0.device, dtype=torch.float32)
+    if (D.abs().amax(dim=1) == 0).any():
+        bad = torch.nonzero(D.abs().amax(dim=1) == 0).flatten().tolist()
+        raise ValueError(f"directions {bad[:5]} have zero norm")
+    return D
+
+
+def _evaluate(probe: Probe, X: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    out = probe.forward(X)
+    return out, fp.rows_differ(out, probe.reference, threshold)
+
+
+def first_output_change(
+    probe: Probe,
+    directions: torch.Tensor,
+    s_max: float = 1e-6,
+    mode: fp.Mode = "fp32",
+    threshold: float = 0.0,
+    method: Method = "exact",
+    semantics: Semantics = "batched",
+    chunk: int = 4,
+    max_states: int = 4096,
+    ray_block: int = 256,
+    checkpoint: Checkpoint | None = None,
+    progress: bool = True,
+    audit: bool = True,
+) -> BoundaryResult:
+    """The first output change along each ray x0 + s·d, 0 < s ≤ s_max.
+
+    ``directions`` [R, d] are used as float32 exactly as given (normalise them beforehand).
+    ``mode``: "fp32" or "fp64" perturbation arithmetic (see :func:`fp.perturb`).
+    ``threshold``: 0 for bitwise change, else max |Δ| > threshold.
+    ``method``: "exact" (distinct input states in order) or "bisect" (the seed's method on bits).
+    ``semantics``: "batched" (fixed batch of ``probe.batch_size``) or "batch1" (every state at batch
+    size 1, reference too, as the seed ran it).
+    ``chunk``: states per ray evaluated in the first round (doubling afterwards, up to 64).
+    Rays are processed in blocks of ``ray_block``; with a ``checkpoint`` each finished block is
+    saved and found again on resume.
+    """
+    D = _check_inputs(probe, directions, s_max, threshold)
+    if semantics == "batch1":
+        probe = probe.with_batch_size(1)
+    elif semantics != "batched":
+        raise ValueError(f"semantics must be 'batched' or 'batch1', got {semantics!r}")
+    if method not in ("exact", "bisect"):
+        raise ValueError(f"method must be 'exact' or 'bisect', got {method!r}")
+    if mode not in fp.MODES:
+        raise ValueError(f"mode must be one of {fp.MODES}, got {mode!r}")
+    audit_result: BatchAudit | None = None
+    if audit and probe.batch_size > 1:
+        audit_result = batch_invariance_audit(probe)
+        if not audit_result.position_invariant:
+            raise BatchVarianceError(
+                f"on {audit_result.device} a row's output depends on its position or companions inside a batch of "
+                f"{probe.batch_size} (max |Δ| {audit_result.position_max_abs_diff:.3g}); batched bitwise boundaries "
+                "would be wrong: use semantics='batch1'")
+    rows_before = probe.rows_evaluated
+    kernel = _exact_block if method == "exact" else _bisect_block
+    params = dict(s_max=float(s_max), mode=mode, threshold=float(threshold), method=method, semantics=semantics,
+                  chunk=chunk, max_states=max_states, batch_size=probe.batch_size)
+    R = D.shape[0]
+    blocks = range(0, R, ray_block)
+    if progress:
+        from tqdm.auto import tqdm
+        blocks = tqdm(blocks, desc=f"boundary ({method})", unit="block", total=len(blocks))
+    parts: list[dict[str, np.ndarray]] = []
+    for start in blocks:
+        key = f"boundary-{method}-{semantics}-{start}"
+        saved = checkpoint.load(key) if checkpoint is not None else None
+        if saved is None:
+            part = kernel(probe, D[start:start + ray_block], float(s_max), mode, threshold, chunk, max_states)
+            if checkpoint is not None:
+                checkpoint.save(key, part)
+        else:
+            part = saved
+        parts.append(part)
+    merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    return BoundaryResult(**merged, rows=probe.rows_evaluated - rows_before, params=params,
+                          audit=audit_result.as_dict() if audit_result else None)
+
+
+def _finish(probe: Probe, D: torch.Tensor, x0: torch.Tensor, s_in: torch.Tensor, s_out: torch.Tensor,
+            s_below: torch.Tensor, absorbed: torch.Tensor, states: torch.Tensor, status: np.ndarray,
+            mode: fp.Mode, out_at: torch.Tensor) -> dict[str, np.ndarray]:
+    """L2 changes at s_out and numpy packing. ``out_at`` [R, m] holds f(X(s_out)) for found rays."""
+    found = torch.from_numpy(status == "found").to(D.device)
+    X = fp.perturb(x0, torch.where(found, s_out, torch.zeros_like(s_out))[:, None], D, mode)
+    emb = (X.double() - x0.double()).norm(dim=1)
+    hid = (out_at.double() - probe.reference.double()).norm(dim=1)
+    nan = torch.full_like(emb, float("nan"))
+    return {
+        "s_in": s_in.cpu().numpy(), "s_out": s_out.cpu().numpy(), "s_below": s_below.cpu().numpy(),
+        "absorbed": absorbed.cpu().numpy().astype(np.int64),
+        "emb_l2": torch.where(found, emb, nan).cpu().numpy(), "hid_l2": torch.where(found, hid, nan).cpu().numpy(),
+        "states": states.cpu().numpy().astype(np.int64), "status": status,
+    }
+
+
+def _exact_block(probe: Probe, D: torch.Tensor, s_max: float, mode: fp.Mode, threshold: float,
+                 chunk: int, max_states: int) -> dict[str, np.ndarray]:
+    R, dev = D.shape[0], D.device
+    x0 = probe.x0.float()
+    zeros = torch.zeros(R, dtype=torch.float32, device=dev)
+    s_in = fp.ray_breakpoints(x0, D, zeros, s_max, mode, 1)[:, 0]
+    nan = torch.full((R,), float("nan"), device=dev)
+    s_out, s_below = nan.clone(), nan.clone()
+    cursor = zeros.clone()  # every state with s ≤ cursor has been evaluated and was unchanged
+    states = torch.zeros(R, dtype=torch.int64, device=dev)
+    status = np.array(["pending"] * R, dtype=object)
+    out_at = probe.reference.expand(R, -1).clone()
+    step = max(1, chunk)
+    while True:
+        active = np.flatnonzero(status == "pending")
+        if active.size == 0:
+            break
+        idx = torch.from_numpy(active).to(dev)
+        take = torch.clamp(max_states - states[idx], min=1).min().item()
+        B = fp.ray_breakpoints(x0, D[idx], cursor[idx], s_max, mode, int(min(step, take)))  # [a, k]
+        valid = torch.isfinite(B)
+        ray_of, k_of = torch.nonzero(valid, as_tuple=True)
+        changed_any = torch.zeros_like(valid)
+        if ray_of.numel():
+            X = fp.perturb(x0, B[ray_of, k_of][:, None], D[idx][ray_of], mode)
+            out, changed = _evaluate(probe, X, threshold)
+            changed_any[ray_of, k_of] = changed
+            first = torch.where(changed_any, torch.arange(B.shape[1], device=dev), B.shape[1]).min(dim=1).values
+        else:
+            first = torch.full((len(active),), B.shape[1], device=dev)
+        n_valid = valid.sum(dim=1)
+        for j, r in enumerate(active.tolist()):
+            f = int(first[j])
+            if f < B.shape[1]:
+                s_out[r] = B[j, f]
+                s_below[r] = fp.next_down(B[j, f])
+                states[r] += f + 1
+                status[r] = "found"
+                row = int(torch.nonzero((ray_of == j) & (k_of == f))[0])
+                out_at[r] = out[row]
+                continue
+            states[r] += int(n_valid[j])
+            if int(n_valid[j]) < B.shape[1]:
+                status[r] = "stable"  # no breakpoint left up to s_max
+            elif states[r] >= max_states:
+                status[r] = "capped"
+            else:
+                cursor[r] = B[j, -1]
+        step = min(2 * step, 64)
+    absorbed = torch.where(torch.from_numpy(status == "found").to(dev), states - 1, states)
+    return _finish(probe, D, x0, s_in, s_out, s_below, absorbed, states, status, mode, out_at)
+
+
+def _bisect_block(probe: Probe, D: torch.Tensor, s_max: float, mode: fp.Mode, threshold: float,
+                  chunk: int, max_states: int) -> dict[str, np.ndarray]:
+    """The seed's search on float32 bit patterns: assumes "changed" is monotone in s."""
+    R, dev = D.shape[0], D.device
+    x0 = probe.x0.float()
+    s_in = fp.ray_breakpoints(x0, D, torch.zeros(R, dtype=torch.float32, device=dev), s_max, mode, 1)[:, 0]
+    smax_t = torch.full((R,), s_max, dtype=torch.float32, device=dev)
+    _, changed_at_max = _evaluate(probe, fp.perturb(x0, smax_t[:, None], D, mode), threshold)
+    lo = torch.zeros(R, dtype=torch.int64, device=dev)
+    hi = fp.float32_bits(smax_t).to(dev)
+    evals = torch.ones(R, dtype=torch.int64, device=dev)
+    while True:
+        live = changed_at_max & (hi - lo > 1)
+        if not live.any():
+            break
+        idx = torch.nonzero(live).flatten()
+        mid = lo[idx] + (hi[idx] - lo[idx]) // 2
+        _, changed = _evaluate(probe, fp.perturb(x0, fp.float32_from_bits(mid)[:, None], D[idx], mode), threshold)
+        hi[idx] = torch.where(changed, mid, hi[idx])
+        lo[idx] = torch.where(changed, lo[idx], mid)
+        evals[idx] += 1
+    status = np.where(changed_at_max.cpu().numpy(), "found", "stable").astype(object)
+    found = changed_at_max
+    nan = torch.full((R,), float("nan"), device=dev)
+    s_out = torch.where(found, fp.float32_from_bits(hi), nan)
+    s_below = torch.where(found, fp.float32_from_bits(lo), nan)
+    out_at = probe.forward(fp.perturb(x0, torch.where(found, s_out, torch.zeros_like(s_out))[:, None], D, mode))
+    # Input changes strictly below s_out, counted model-free: bisection never looks at them.
+    absorbed = torch.zeros(R, dtype=torch.int64, device=dev)
+    for r in torch.nonzero(found).flatten().tolist():
+        absorbed[r] = _count_breakpoints_below(x0, D[r:r + 1], float(s_out[r]), mode)
+    return _finish(probe, D, x0, s_in, s_out, s_below, absorbed, evals, status, mode, out_at)
+
+
+def _count_breakpoints_below(x0: torch.Tensor, d: torch.Tensor, s: float, mode: fp.Mode, cap: int = 100_000) -> int:
+    """Number of input changes in (0, s) along one ray (model-free), counted up to ``cap``."""
+    count, cursor = 0, torch.zeros(1, dtype=torch.float32, device=d.device)
+    limit = float(fp.next_down(torch.tensor(s, dtype=torch.float32)))
+    if limit <= 0:
+        return 0
+    while count < cap:
+        B = fp.ray_breakpoints(x0, d, cursor, limit, "fp32" if mode == "fp32" else "fp64", 64)[0]
+        fin = B[torch.isfinite(B)]
+        count += int(fin.numel())
+        if fin.numel() < 64:
+            return count
+        cursor = fin[-1:].clone()
+    return count
+
+
+def compare_methods(a: BoundaryResult, b: BoundaryResult) -> pd.DataFrame:
+    """Rays where two boundary results disagree on s_out (bitwise, NaN equal to NaN)."""
+    sa, sb = a.s_out.astype(np.float32), b.s_out.astype(np.float32)
+    same = (sa.view(np.int32) == sb.view(np.int32)) | (np.isnan(sa) & np.isnan(sb))
+    rays = np.flatnonzero(~same)
+    return pd.DataFrame({"ray": rays, "s_out_a": sa[rays], "s_out_b": sb[rays], "status_a": a.status[rays],
+                         "status_b": b.status[rays]})

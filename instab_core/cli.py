@@ -1,0 +1,109 @@
+"""The ``instab`` command: list models, run one experiment notebook, build the book."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+
+def parse_value(text: str) -> Any:
+    """A -p value as papermill would take it: int, float, bool, null, JSON, else the string."""
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null"):
+        return None
+    if text[:1] in "[{":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            pass
+    return text
+
+
+def cmd_models(_: argparse.Namespace) -> int:
+    from .models import BUNDLED
+    print(f"{'name':<12} {'architecture':<18} {'layers':>6} {'d_model':>7} {'params':>9}  path")
+    for name, path in BUNDLED.items():
+        cfg_file = path / "config.json"
+        if not cfg_file.is_file():
+            print(f"{name:<12} (missing: {cfg_file})")
+            continue
+        cfg = json.loads(cfg_file.read_text())
+        manifest = json.loads((path / "manifest.json").read_text()) if (path / "manifest.json").is_file() else {}
+        arch = (cfg.get("architectures") or ["?"])[0]
+        layers = cfg.get("num_hidden_layers", cfg.get("n_layer"))
+        d = cfg.get("hidden_size", cfg.get("n_embd"))
+        params = manifest.get("parameters") or manifest.get("n_params") or ""
+        print(f"{name:<12} {arch:<18} {layers!s:>6} {d!s:>7} {params!s:>9}  {path}")
+    print("\nAny local Hugging Face directory works too: -p model /path/to/model")
+    return 0
+
+
+def cmd_list(_: argparse.Namespace) -> int:
+    from . import book
+    root = book.repo_root()
+    for name, path in book.experiments(root).items():
+        print(f"{name:<10} {path.relative_to(root)}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from . import book
+    root = book.repo_root()
+    params = book.smoke_parameters(args.experiment, root) if args.smoke else {}
+    params.update({k: parse_value(v) for k, v in args.parameters})
+    outcome = book.run_notebook(args.experiment, params, root, results_root=args.results)
+    if not outcome.ok:
+        print(f"instab run {args.experiment} failed: {outcome.error}\n"
+              f"the partly executed notebook is {outcome.executed}", file=sys.stderr)
+        return 1
+    print(f"executed notebook: {outcome.executed}")
+    for folder in outcome.results:
+        print(folder)
+    return 0
+
+
+def cmd_book(args: argparse.Namespace) -> int:
+    from . import book
+    root = book.repo_root()
+    parameters_for = None
+    if args.smoke:
+        parameters_for = {name: book.smoke_parameters(name, root) for name in book.experiments(root)}
+    return book.build_book(root, run=not args.no_run, parameters_for=parameters_for, results_root=args.results)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="instab", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("models", help="list the bundled models").set_defaults(func=cmd_models)
+    sub.add_parser("list", help="list the experiment notebooks").set_defaults(func=cmd_list)
+    run = sub.add_parser("run", help="execute one experiment notebook with papermill")
+    run.add_argument("experiment", help="e.g. exp12 (see `instab list`)")
+    run.add_argument("-p", "--parameter", dest="parameters", nargs=2, action="append", default=[],
+                     metavar=("NAME", "VALUE"), help="set a notebook parameter (repeatable)")
+    run.add_argument("--results", default=None, help="results root (default: results/ in the checkout)")
+    run.add_argument("--smoke", action="store_true", help="start from the notebook's small smoke-test parameters")
+    run.set_defaults(func=cmd_run)
+    bk = sub.add_parser("book", help="run every notebook and build the book into _build/html")
+    bk.add_argument("--no-run", action="store_true", help="build from the notebooks already executed")
+    bk.add_argument("--smoke", action="store_true", help="run every notebook with its smoke-test parameters")
+    bk.add_argument("--results", default=None, help="results root (default: results/ in the checkout)")
+    bk.set_defaults(func=cmd_book)
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"instab: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

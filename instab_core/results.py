@@ -1,0 +1,305 @@
+"""The results store: ``results/<experiment>/<run-id>/`` with a manifest and exact data.
+
+A run is written into ``<run-id>.partial/`` and renamed to ``<run-id>/`` by :meth:`Run.finish`,
+so a complete-looking folder is always complete; every file is written to a temporary name and
+moved into place. An interrupted run leaves its ``.partial`` folder, with checkpoints, and
+:func:`start_run` resumes it when the parameters and the model are the same.
+
+Downstream experiments read upstream runs with :func:`load_run`, which checks the manifest.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+RESULTS_ENV = "INSTAB_RESULTS"
+RUN_RECORD_ENV = "INSTAB_RUN_RECORD"
+PARTIAL = ".partial"
+
+
+class ResultsError(ValueError):
+    """A results folder that is missing, incomplete or does not match what was asked for."""
+
+
+def project_root(start: Path | None = None) -> Path | None:
+    """The instab checkout containing ``start`` (default: cwd), or None."""
+    here = (start or Path.cwd()).resolve()
+    for d in (here, *here.parents):
+        if (d / "_toc.yml").is_file() and (d / "instab_core").is_dir():
+            return d
+    return None
+
+
+def results_root() -> Path:
+    """$INSTAB_RESULTS, else ``results/`` in the instab checkout, else ``./results``."""
+    if os.environ.get(RESULTS_ENV):
+        return Path(os.environ[RESULTS_ENV]).expanduser().resolve()
+    root = project_root()
+    return (root if root is not None else Path.cwd()) / "results"
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, (Path, torch.dtype, torch.device)):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def write_json(path: Path, obj: Any) -> None:
+    _atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n"))
+
+
+def params_hash(params: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def git_commit() -> dict[str, Any]:
+    root = project_root(Path(__file__).parent)
+    if root is None:
+        return {"commit": None}
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return {"commit": None}
+    return {"commit": head.stdout.strip() or None, "dirty": bool(dirty.stdout.strip())}
+
+
+def environment() -> dict[str, Any]:
+    """Library versions and numerics-relevant settings of this process."""
+    import transformers
+    env: dict[str, Any] = {
+        "python": platform.python_version(), "platform": platform.platform(), "torch": torch.__version__,
+        "transformers": transformers.__version__, "numpy": np.__version__, "pandas": pd.__version__,
+        "num_threads": torch.get_num_threads(),
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        "cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available(),
+    }
+    if torch.cuda.is_available():
+        env["cudnn"] = torch.backends.cudnn.version()
+        env["gpu"] = torch.cuda.get_device_name()
+        env["tf32_matmul"] = torch.backends.cuda.matmul.allow_tf32
+    return env
+
+
+@dataclass
+class Run:
+    """A run being written. Use :func:`start_run`; finish with :meth:`finish`."""
+
+    experiment: str
+    run_id: str
+    root: Path
+    manifest: dict[str, Any]
+    started: float
+    resumed: bool = False
+
+    @property
+    def partial_path(self) -> Path:
+        return self.root / self.experiment / (self.run_id + PARTIAL)
+
+    @property
+    def path(self) -> Path:
+        """The final folder (exists once :meth:`finish` has run)."""
+        return self.root / self.experiment / self.run_id
+
+    def save_arrays(self, name: str, **arrays: np.ndarray | torch.Tensor) -> Path:
+        """``<name>.npz`` with the arrays' exact bits."""
+        data = {k: (v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)) for k, v in arrays.items()}
+        target = self.partial_path / f"{name}.npz"
+        _atomic_write(target, lambda p: np.savez(open(p, "wb"), **data))
+        return self.path / target.name
+
+    def save_table(self, name: str, table: pd.DataFrame) -> Path:
+        """``<name>.csv``; floats written with enough digits to round-trip."""
+        target = self.partial_path / f"{name}.csv"
+        _atomic_write(target, lambda p: table.to_csv(p, index=False))
+        return self.path / target.name
+
+    def save_json(self, name: str, obj: Any) -> Path:
+        target = self.partial_path / f"{name}.json"
+        write_json(target, obj)
+        return self.path / target.name
+
+    # Checkpoint protocol (see boundary.Checkpoint)
+    def load(self, key: str) -> dict[str, np.ndarray] | None:
+        f = self.partial_path / "checkpoints" / f"{key}.npz"
+        if not f.is_file():
+            return None
+        with np.load(f, allow_pickle=True) as z:
+            return {k: z[k] for k in z.files}
+
+    def save(self, key: str, arrays: dict[str, np.ndarray]) -> None:
+        target = self.partial_path / "checkpoints" / f"{key}.npz"
+        _atomic_write(target, lambda p: np.savez(open(p, "wb"), **arrays))
+
+    def finish(self, **summary: Any) -> Path:
+        """Write the manifest, drop checkpoints, move the folder into place; returns the final path."""
+        shutil.rmtree(self.partial_path / "checkpoints", ignore_errors=True)
+        files = {}
+        for f in sorted(self.partial_path.iterdir()):
+            if f.is_file() and not f.name.startswith(".") and f.name != "manifest.json":
+                files[f.name] = "sha256:" + hashlib.sha256(f.read_bytes()).hexdigest()
+        self.manifest.update(status="complete", finished=_now(), wall_seconds=round(time.time() - self.started, 3),
+                             files=files, summary=summary)
+        write_json(self.partial_path / "manifest.json", self.manifest)
+        if self.path.exists():
+            raise ResultsError(f"{self.path} already exists; refusing to overwrite a finished run")
+        os.replace(self.partial_path, self.path)
+        record = os.environ.get(RUN_RECORD_ENV)
+        if record:
+            with open(record, "a") as fh:
+                fh.write(str(self.path) + "\n")
+        return self.path
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def start_run(experiment: str, params: dict[str, Any], model: Any = None, probe: Any = None,
+              upstream: list["LoadedRun"] | None = None, resume: bool = True, root: Path | None = None) -> Run:
+    """Open ``results/<experiment>/<run-id>.partial`` for writing.
+
+    ``model`` is a ModelHandle and ``probe`` a Probe (their ``describe()`` goes into the manifest).
+    With ``resume``, an interrupted run of the same experiment with the same parameters and model
+    weights is continued (its checkpoints are kept) instead of starting anew.
+    """
+    if not experiment or "/" in experiment:
+        raise ValueError(f"bad experiment name {experiment!r}")
+    root = (root or results_root()).resolve()
+    phash = params_hash(params)
+    model_info = model.describe() if model is not None else None
+    manifest: dict[str, Any] = {
+        "experiment": experiment, "status": "running", "created": _now(), "parameters": params,
+        "params_hash": phash, "model": model_info, "probe": probe.describe() if probe is not None else None,
+        "environment": environment(), "git": git_commit(),
+        "upstream": [{"experiment": u.experiment, "run_id": u.run_id, "path": str(u.path)} for u in (upstream or [])],
+    }
+    exp_dir = root / experiment
+    if resume and exp_dir.is_dir():
+        for cand in sorted(exp_dir.glob(f"*{PARTIAL}"), reverse=True):
+            info = cand / "run.json"
+            if not info.is_file():
+                continue
+            old = json.loads(info.read_text())
+            same_model = (old.get("model") or {}).get("weights_hash") == (model_info or {}).get("weights_hash")
+            if old.get("params_hash") == phash and same_model:
+                run_id = cand.name[: -len(PARTIAL)]
+                print(f"resuming interrupted run {cand}")
+                return Run(experiment, run_id, root, manifest, time.time(), resumed=True)
+    run_id = _dt.datetime.now().strftime("%Y%m%d-%H%M%S") + f"-{phash[:8]}"
+    run = Run(experiment, run_id, root, manifest, time.time())
+    if run.partial_path.exists() or run.path.exists():
+        run_id += f"-{os.getpid()}"
+        run = Run(experiment, run_id, root, manifest, time.time())
+    run.partial_path.mkdir(parents=True)
+    write_json(run.partial_path / "run.json", {"params_hash": phash, "model": model_info, "created": manifest["created"]})
+    return run
+
+
+@dataclass
+class LoadedRun:
+    """A finished run read back from disk."""
+
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def experiment(self) -> str:
+        return self.manifest["experiment"]
+
+    @property
+    def run_id(self) -> str:
+        return self.path.name
+
+    @property
+    def parameters(self) -> dict[str, Any]:
+        return self.manifest.get("parameters", {})
+
+    def arrays(self, name: str) -> dict[str, np.ndarray]:
+        f = self.path / f"{name}.npz"
+        if not f.is_file():
+            raise ResultsError(f"{self.path} has no {f.name}")
+        with np.load(f, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+
+    def table(self, name: str) -> pd.DataFrame:
+        f = self.path / f"{name}.csv"
+        if not f.is_file():
+            raise ResultsError(f"{self.path} has no {f.name}")
+        return pd.read_csv(f)
+
+
+def _complete_runs(exp_dir: Path) -> list[Path]:
+    if not exp_dir.is_dir():
+        return []
+    return sorted(p for p in exp_dir.iterdir() if p.is_dir() and not p.name.endswith(PARTIAL)
+                  and (p / "manifest.json").is_file())
+
+
+def load_run(where: str | Path, experiment: str, model: Any = None, root: Path | None = None) -> LoadedRun:
+    """Read a finished run of ``experiment``: a folder path, or "latest" (the newest complete run,
+    with the same model weights when ``model`` is given). Checks status, experiment and model.
+    """
+    root = (root or results_root()).resolve()
+    if str(where) == "latest":
+        runs = _complete_runs(root / experiment)
+        if model is not None:
+            runs = [p for p in runs if (json.loads((p / "manifest.json").read_text()).get("model") or {})
+                    .get("weights_hash") == model.weights_hash]
+        if not runs:
+            raise ResultsError(f"no finished {experiment} run for this model under {root / experiment}: "
+                               f"run `instab run {experiment}` first (or pass the folder of one)")
+        path = runs[-1]
+    else:
+        path = Path(where).expanduser().resolve()
+    if not path.is_dir():
+        raise ResultsError(f"results folder {path} does not exist")
+    manifest_file = path / "manifest.json"
+    if path.name.endswith(PARTIAL) or not manifest_file.is_file():
+        raise ResultsError(f"{path} is an incomplete run (interrupted before it finished): re-run {experiment} "
+                           "to resume it, or delete the folder")
+    manifest = json.loads(manifest_file.read_text())
+    if manifest.get("status") != "complete":
+        raise ResultsError(f"{path} has status {manifest.get('status')!r}, not complete: re-run {experiment}")
+    if manifest.get("experiment") != experiment:
+        raise ResultsError(f"{path} holds a run of {manifest.get('experiment')!r}, expected {experiment!r}")
+    if model is not None:
+        have = (manifest.get("model") or {}).get("weights_hash")
+        if have != model.weights_hash:
+            raise ResultsError(f"{path} was computed with model weights {have}, but the loaded model "
+                               f"({model.name}) has {model.weights_hash}: pass the matching model or re-run {experiment}")
+    return LoadedRun(path=path, manifest=manifest)

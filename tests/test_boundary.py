@@ -1,0 +1,242 @@
+"""The exact boundary kernel against a brute-force scan of every distinct input state."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import instab_core as ic
+from instab_core import boundary, fp
+from instab_core.results import start_run
+from oracles import first_change_scan, g, ray_breakpoints
+from randmodels import SESSION_SEED, random_model_dir
+
+PROMPT = "The capital of France is"
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def handle(request, tmp_path_factory):
+    path = random_model_dir(tmp_path_factory.mktemp(request.param), request.param)
+    return ic.load_model(path)
+
+
+def _directions(probe: ic.Probe, rays: int, seed: int) -> np.ndarray:
+    gen = np.random.default_rng(seed)
+    D = gen.standard_normal((rays, probe.d))
+    spec = ic.jacobian.spectrum(probe)
+    D[0], D[1] = spec.Vt[0], spec.Vt[-1]
+    return (D / np.linalg.norm(D, axis=1, keepdims=True)).astype(np.float32)
+
+
+def brute_force(probe: ic.Probe, d: np.ndarray, s_max: float, mode: str, threshold: float):
+    """Every distinct input state up to s_max (oracle lattice), every one evaluated; first change by a loop."""
+    x0 = probe.x0.float().numpy()
+    bps = ray_breakpoints(x0, d, s_max, mode, limit=100_000)
+    X = np.stack([np.array([g(xi, s, di, mode) for xi, di in zip(x0, d)]) for s in bps])
+    out = probe.forward(torch.from_numpy(X)).numpy()
+    k = first_change_scan(out, probe.reference.numpy(), threshold)
+    return bps, k, X, out
+
+
+def short_s_max(probe: ic.Probe, d: np.ndarray, mode: str, states: int = 25) -> float:
+    """A scale that leaves about ``states`` distinct inputs on the ray (a short ray)."""
+    bps = ray_breakpoints(probe.x0.float().numpy(), d, 1e-5, mode, limit=states)
+    return float(bps[min(states, len(bps)) - 1])
+
+
+@pytest.mark.parametrize("mode", ["fp32", "fp64"])
+@pytest.mark.parametrize("thresholded", [False, True])
+def test_exact_matches_brute_force(handle, mode, thresholded):
+    probe = ic.Probe(handle, PROMPT, batch_size=8)
+    D = _directions(probe, 5, SESSION_SEED)
+    for r, d in enumerate(D):
+        s_max = short_s_max(probe, d, mode)
+        threshold = 0.0
+        if thresholded:  # a threshold that some states stay under, so the model "absorbs" them
+            _, _, _, out = brute_force(probe, d, s_max, mode, 0.0)
+            delta = np.abs(out.astype(np.float64) - probe.reference.numpy()).max(axis=1)
+            threshold = float(np.quantile(delta, 0.6))
+        bps, k, X, out = brute_force(probe, d, s_max, mode, threshold)
+        res = boundary.first_output_change(probe, torch.from_numpy(d), s_max, mode=mode, threshold=threshold,
+                                           progress=False)
+        assert res.s_in[0] == bps[0]
+        if k < 0:
+            assert res.status[0] == "stable" and np.isnan(res.s_out[0]) and res.absorbed[0] == len(bps)
+            continue
+        assert res.status[0] == "found", f"ray {r}"
+        assert res.s_out[0] == bps[k], f"ray {r}: kernel {res.s_out[0]!r}, brute force {bps[k]!r}"
+        assert res.absorbed[0] == k
+        assert res.s_below[0] == np.nextafter(bps[k], np.float32(0))
+        assert res.emb_l2[0] == pytest.approx(np.linalg.norm(X[k].astype(np.float64) - probe.x0.numpy()), rel=1e-12)
+        assert res.hid_l2[0] == pytest.approx(
+            np.linalg.norm(out[k].astype(np.float64) - probe.reference.numpy()), rel=1e-12)
+
+
+def test_batched_rays_equal_one_ray_at_a_time(handle):
+    probe = ic.Probe(handle, PROMPT, batch_size=8)
+    D = torch.from_numpy(_directions(probe, 12, SESSION_SEED + 1))
+    together = boundary.first_output_change(probe, D, 1e-6, progress=False)
+    for r in range(0, 12, 5):
+        alone = boundary.first_output_change(probe, D[r:r + 1], 1e-6, progress=False)
+        assert alone.s_out[0] == together.s_out[r] or np.isnan(alone.s_out[0]) and np.isnan(together.s_out[r])
+        assert alone.absorbed[0] == together.absorbed[r]
+
+
+def test_batch1_semantics_matches_brute_force_at_batch1(handle):
+    probe1 = ic.Probe(handle, PROMPT, batch_size=1)
+    d = _directions(probe1, 3, SESSION_SEED + 2)[2]
+    s_max = short_s_max(probe1, d, "fp32")
+    bps, k, _, _ = brute_force(probe1, d, s_max, "fp32", 0.0)
+    res = boundary.first_output_change(ic.Probe(handle, PROMPT, batch_size=8), torch.from_numpy(d), s_max,
+                                       semantics="batch1", progress=False)
+    assert res.params["batch_size"] == 1
+    if k >= 0:
+        assert res.s_out[0] == bps[k] and res.absorbed[0] == k
+    else:
+        assert res.status[0] == "stable"
+
+
+def test_bisect_finds_the_same_boundary_when_the_change_is_monotone(handle):
+    """The seed's method on bits equals the exact answer on rays where every later state also changed."""
+    probe = ic.Probe(handle, PROMPT, batch_size=8)
+    D = torch.from_numpy(_directions(probe, 6, SESSION_SEED + 3))
+    exact = boundary.first_output_change(probe, D, 1e-6, progress=False)
+    bis = boundary.first_output_change(probe, D, 1e-6, method="bisect", progress=False)
+    assert bis.states.max() <= 33
+    np.testing.assert_array_equal(bis.s_in, exact.s_in)
+    disagree = boundary.compare_methods(exact, bis)
+    for r in range(len(D)):
+        if r in set(disagree.ray):
+            assert bis.s_out[r] > exact.s_out[r]  # bisection can only land on a later transition
+        else:
+            assert bis.absorbed[r] == exact.absorbed[r]
+
+
+class ParityProbe:
+    """Output = parity of the number of moved coordinates: "changed" is not monotone in s.
+
+    A stand-in for the model in a test of the search logic only (the real-model tests are above).
+    """
+
+    def __init__(self, d: int, seed: int, batch_size: int = 4, position_dependent: bool = False):
+        gen = torch.Generator().manual_seed(seed)
+        self.x0 = torch.randn(d, generator=gen) * 0.05
+        self.dtype = torch.float32
+        self.d = d
+        self.batch_size = batch_size
+        self.rows_evaluated = 0
+        self.position_dependent = position_dependent
+        self.reference = self.forward(self.x0[None])[0]
+
+    def f_batch(self, X: torch.Tensor) -> torch.Tensor:
+        moved = (~fp.bits_equal(X, self.x0.expand_as(X))).sum(dim=1) % 2
+        out = moved.float()[:, None]
+        if self.position_dependent:
+            out = out + 1e-3 * torch.arange(X.shape[0]).float()[:, None]
+        return out
+
+    def forward(self, X: torch.Tensor, progress: bool = False) -> torch.Tensor:
+        pad = (-X.shape[0]) % self.batch_size
+        Xp = torch.cat([X, self.x0.expand(pad, -1)]) if pad else X
+        self.rows_evaluated += Xp.shape[0]
+        return torch.cat([self.f_batch(c) for c in Xp.split(self.batch_size)])[: X.shape[0]]
+
+    def with_batch_size(self, b: int) -> "ParityProbe":
+        return self
+
+
+def test_exact_is_not_fooled_by_non_monotone_change():
+    probe = ParityProbe(16, SESSION_SEED)
+    gen = np.random.default_rng(SESSION_SEED)
+    D = gen.standard_normal((20, 16)).astype(np.float32)
+    D /= np.linalg.norm(D, axis=1, keepdims=True)
+    s_max = 2e-7
+    exact = boundary.first_output_change(probe, torch.from_numpy(D), s_max, audit=False, progress=False)
+    bis = boundary.first_output_change(probe, torch.from_numpy(D), s_max, method="bisect", audit=False,
+                                       progress=False)
+    x0 = probe.x0.numpy()
+    wrong = 0
+    for r, d in enumerate(D):
+        bps = ray_breakpoints(x0, d, s_max, "fp32", limit=100_000)
+        parity = [int((np.array([g(xi, s, di, "fp32") for xi, di in zip(x0, d)]).view(np.int32)
+                       != x0.view(np.int32)).sum() % 2) for s in bps]
+        k = parity.index(1)
+        assert exact.s_out[r] == bps[k] and exact.absorbed[r] == k
+        wrong += int(not (bis.s_out[r] == bps[k]))
+    assert wrong > 0, "bisection should miss the first change on some non-monotone rays"
+    assert len(boundary.compare_methods(exact, bis)) == wrong
+
+
+def test_position_dependent_batches_are_refused():
+    probe = ParityProbe(8, SESSION_SEED, position_dependent=True)
+    with pytest.raises(boundary.BatchVarianceError, match="semantics='batch1'"):
+        boundary.first_output_change(probe, torch.ones(1, 8) / 8 ** 0.5, 1e-6, progress=False)
+
+
+def test_max_states_caps_the_work(handle):
+    probe = ic.Probe(handle, PROMPT, batch_size=8)
+    D = torch.from_numpy(_directions(probe, 2, SESSION_SEED + 4))
+    res = boundary.first_output_change(probe, D, 1e-4, threshold=1e9, max_states=6, progress=False)
+    assert list(res.status) == ["capped", "capped"]
+    assert (res.states <= 6 + 4).all() and np.isnan(res.s_out).all()
+
+
+def test_interrupted_run_resumes_from_checkpoint(handle, tmp_path):
+    probe = ic.Probe(handle, PROMPT, batch_size=8)
+    D = torch.from_numpy(_directions(probe, 8, SESSION_SEED + 5))
+    full = boundary.first_output_change(probe, D, 1e-6, ray_block=4, progress=False)
+
+    class Interrupt(Exception):
+        pass
+
+    run = start_run("test-boundary", {"rays": 8}, model=handle, root=tmp_path)
+    saves = []
+
+    class FailingSecondSave:
+        def load(self, key):
+            return run.load(key)
+
+        def save(self, key, arrays):
+            if saves:
+                raise Interrupt
+            saves.append(key)
+            run.save(key, arrays)
+
+    with pytest.raises(Interrupt):
+        boundary.first_output_change(probe, D, 1e-6, ray_block=4, checkpoint=FailingSecondSave(), progress=False)
+    again = start_run("test-boundary", {"rays": 8}, model=handle, root=tmp_path)
+    assert again.resumed and again.partial_path == run.partial_path
+    resumed = boundary.first_output_change(probe, D, 1e-6, ray_block=4, checkpoint=again, progress=False)
+    np.testing.assert_array_equal(resumed.s_out, full.s_out)
+    np.testing.assert_array_equal(resumed.absorbed, full.absorbed)
+    assert resumed.rows < full.rows  # the first block came from the checkpoint
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(s_max=0.0), "s_max must be a positive"),
+    (dict(s_max=-1e-6), "s_max must be a positive"),
+    (dict(s_max=float("nan")), "s_max must be a positive"),
+    (dict(threshold=-1.0), "threshold"),
+    (dict(directions=torch.zeros(2, 0)), "shape"),
+    (dict(directions="zero"), "zero norm"),
+    (dict(directions="nan"), "non-finite"),
+    (dict(method="walk"), "method"),
+    (dict(mode="fp16"), "mode"),
+])
+def test_bad_inputs_get_clear_errors(handle, bad, message):
+    probe = ic.Probe(handle, PROMPT, batch_size=4)
+    kwargs = dict(directions=torch.ones(1, probe.d) / probe.d ** 0.5, s_max=1e-6, progress=False)
+    kwargs.update(bad)
+    if kwargs["directions"] == "zero":
+        kwargs["directions"] = torch.zeros(1, probe.d)
+    elif kwargs["directions"] == "nan":
+        kwargs["directions"] = torch.full((1, probe.d), float("nan"))
+    with pytest.raises(ValueError, match=message):
+        boundary.first_output_change(probe, **kwargs)
+
+
+def test_low_precision_models_are_refused(tmp_path):
+    h = ic.load_model(random_model_dir(tmp_path, "llama"), dtype="bfloat16")
+    with pytest.raises(ValueError, match="float32 or float64"):
+        boundary.first_output_change(ic.Probe(h, PROMPT, batch_size=2), torch.ones(1, h.d_model), 1e-6)
