@@ -7,10 +7,10 @@
     res = ic.boundary.first_output_change(probe, spec.directions[:2], s_max=1e-6)
 """
 
-from . import boundary, fp, jacobian, numerics, results
+from . import boundary, fp, jacobian, numerics, plots, results
 from .models import BUNDLED, ModelHandle, ModelLoadError, load_model
 from .probe import Probe
 
 __all__ = ["BUNDLED", "ModelHandle", "ModelLoadError", "Probe", "boundary", "fp", "jacobian", "load_model",
-           "numerics", "results"]
+           "numerics", "plots", "results"]
 __version__ = "0.1.0"

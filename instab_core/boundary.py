@@ -190,7 +190,7 @@ def _finish(probe: Probe, D: torch.Tensor, x0: torch.Tensor, s_in: torch.Tensor,
         "s_in": s_in.cpu().numpy(), "s_out": s_out.cpu().numpy(), "s_below": s_below.cpu().numpy(),
         "absorbed": absorbed.cpu().numpy().astype(np.int64),
         "emb_l2": torch.where(found, emb, nan).cpu().numpy(), "hid_l2": torch.where(found, hid, nan).cpu().numpy(),
-        "states": states.cpu().numpy().astype(np.int64), "status": status,
+        "states": states.cpu().numpy().astype(np.int64), "status": np.asarray(status, dtype="U7"),
     }
 
 
@@ -304,3 +304,69 @@ def compare_methods(a: BoundaryResult, b: BoundaryResult) -> pd.DataFrame:
     rays = np.flatnonzero(~same)
     return pd.DataFrame({"ray": rays, "s_out_a": sa[rays], "s_out_b": sb[rays], "status_a": a.status[rays],
                          "status_b": b.status[rays]})
+
+
+def plane_directions(e1: np.ndarray, e2: np.ndarray, num_angles: int) -> tuple[np.ndarray, torch.Tensor]:
+    """Rays in the plane of e1, e2: θ = linspace(0, 2π, num_angles, endpoint=False),
+    d(θ) = cos θ·e1 + sin θ·e2 computed in float64 and rounded once to float32 (as the seed did).
+
+    Returns (theta [n] float64, D [n, d] float32). D is what the kernel perturbs along: save it.
+    """
+    if num_angles < 1:
+        raise ValueError("num_angles must be >= 1")
+    theta = np.linspace(0.0, 2 * np.pi, num_angles, endpoint=False)
+    D = np.cos(theta)[:, None] * np.asarray(e1, np.float64) + np.sin(theta)[:, None] * np.asarray(e2, np.float64)
+    return theta, torch.from_numpy(D.astype(np.float32))
+
+
+@torch.no_grad()
+def verify_crossing(probe: Probe, D: torch.Tensor, s_out: np.ndarray, s_below: np.ndarray, mode: fp.Mode,
+                    threshold: float = 0.0, precision: str = "float64") -> pd.DataFrame:
+    """Re-evaluate each found ray just below and at its boundary, from the saved exact directions.
+
+    Returns one row per ray with ``unchanged_below`` and ``changed_at`` (both must be True for a
+    correct boundary), ``emb_l2`` = ‖X(s_out) − x0‖ and ``hid_l2`` = ‖f(X(s_out)) − f(x0)‖ in
+    ``precision`` ("float64" or "float32"), and ``amplification`` = hid_l2 / emb_l2.
+    Rays without a boundary (NaN s_out) get NaN rows.
+    """
+    dt = {"float64": torch.float64, "float32": torch.float32}.get(precision)
+    if dt is None:
+        raise ValueError(f"precision must be float64 or float32, got {precision!r}")
+    D = torch.as_tensor(D, dtype=torch.float32, device=probe.x0.device)
+    found = np.flatnonzero(np.isfinite(s_out))
+    R = D.shape[0]
+    cols = {k: np.full(R, np.nan) for k in ("emb_l2", "hid_l2", "amplification")}
+    below_ok = np.zeros(R, dtype=bool)
+    at_ok = np.zeros(R, dtype=bool)
+    if found.size:
+        x0 = probe.x0.float()
+        idx = torch.from_numpy(found).to(D.device)
+        s_at = torch.from_numpy(s_out[found].astype(np.float32)).to(D.device)[:, None]
+        s_lo = torch.from_numpy(s_below[found].astype(np.float32)).to(D.device)[:, None]
+        X_at = fp.perturb(x0, s_at, D[idx], mode)
+        X_lo = fp.perturb(x0, s_lo, D[idx], mode)
+        out = probe.forward(torch.cat([X_lo, X_at]))
+        n = found.size
+        below_ok[found] = ~fp.rows_differ(out[:n], probe.reference, threshold).cpu().numpy()
+        at_ok[found] = fp.rows_differ(out[n:], probe.reference, threshold).cpu().numpy()
+        emb = (X_at.to(dt) - x0.to(dt)).norm(dim=1).double().cpu().numpy()
+        hid = (out[n:].to(dt) - probe.reference.to(dt)).norm(dim=1).double().cpu().numpy()
+        cols["emb_l2"][found], cols["hid_l2"][found] = emb, hid
+        cols["amplification"][found] = hid / emb
+    return pd.DataFrame({"unchanged_below": below_ok, "changed_at": at_ok, **cols})
+
+
+def statistics(values: dict[str, np.ndarray], index: np.ndarray, index_name: str) -> pd.DataFrame:
+    """count/mean/median/std/min/max and the index (θ, singular-vector number, …) of min and max, per column; NaN/inf ignored."""
+    rows = []
+    for name, v in values.items():
+        v = np.asarray(v, dtype=np.float64)
+        ok = np.isfinite(v)
+        if not ok.any():
+            rows.append({"quantity": name, "count": 0})
+            continue
+        w = np.where(ok, v, np.nan)
+        rows.append({"quantity": name, "count": int(ok.sum()), "mean": np.nanmean(w), "median": np.nanmedian(w),
+                     "std": np.nanstd(w), "min": np.nanmin(w), "max": np.nanmax(w),
+                     f"{index_name} at min": index[int(np.nanargmin(w))], f"{index_name} at max": index[int(np.nanargmax(w))]})
+    return pd.DataFrame(rows).set_index("quantity")

@@ -71,6 +71,14 @@ def spectrum(probe: Probe, x: torch.Tensor | None = None, chunk_size: int | None
     return Spectrum(S=S.cpu().numpy(), U=U.cpu().numpy(), Vt=Vt.cpu().numpy(), residual=residual, method="dense")
 
 
+def jvp_rows(probe: Probe, V: torch.Tensor, x: torch.Tensor | None = None, chunk: int = 64) -> torch.Tensor:
+    """J·v at x (default x0) for every row v of V [n, d], by forward-mode AD; returns [n, m] in the probe's dtype."""
+    x = (probe.x0 if x is None else x).to(device=probe.x0.device, dtype=probe.dtype)
+    V = torch.as_tensor(V).to(device=x.device, dtype=probe.dtype)
+    push = vmap(lambda v: jvp(probe.f, (x,), (v,))[1])
+    return torch.cat([push(V[i:i + chunk].contiguous()) for i in range(0, V.shape[0], chunk)]).detach()
+
+
 def _orth(A: torch.Tensor) -> torch.Tensor:
     Q, _ = torch.linalg.qr(A)
     return Q
@@ -93,8 +101,7 @@ def top_singular(probe: Probe, k: int, x: torch.Tensor | None = None, oversample
     _, vjp_fn = vjp(probe.f, x)
 
     def J_times(V: torch.Tensor) -> torch.Tensor:  # V [d, l] -> [m, l]
-        cols = vmap(lambda v: jvp(probe.f, (x,), (v,))[1])(V.T.to(probe.dtype).contiguous())
-        return cols.T.double()
+        return jvp_rows(probe, V.T, x).T.double()
 
     def Jt_times(Ucols: torch.Tensor) -> torch.Tensor:  # U [m, l] -> [d, l]
         rows = vmap(lambda u: vjp_fn(u)[0])(Ucols.T.to(probe.dtype).contiguous())

@@ -187,7 +187,10 @@ def resolve_device(device: str | torch.device) -> torch.device:
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError as exc:
+        raise ModelLoadError(f"unsupported device {name!r}; use cpu, cuda, mps or auto") from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError(f"device {name!r} requested but CUDA is not available here; use device='cpu' or 'auto'")
     if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
@@ -210,6 +213,10 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> tuple[str, Path | Non
     """(display name, local directory or None for a hub id)."""
     name = str(name_or_path)
     if name in BUNDLED:
+        if not (BUNDLED[name] / "config.json").is_file():
+            raise ModelLoadError(
+                f"bundled model {name!r} has no files in {BUNDLED[name]} (not trained or not installed): "
+                "reinstall the package, or train it with `python -m instab_core.zoo.train`")
         return name, BUNDLED[name]
     path = Path(name).expanduser()
     if path.exists():
@@ -243,7 +250,9 @@ def load_model(
     transformers download (never the case on machines without network).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # a per-tensor loading bar in every notebook output says nothing
     torch_dtype = resolve_dtype(dtype)
     dev = resolve_device(device)
     name, path = resolve_model_path(name_or_path)

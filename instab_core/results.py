@@ -168,6 +168,7 @@ class Run:
     def finish(self, **summary: Any) -> Path:
         """Write the manifest, drop checkpoints, move the folder into place; returns the final path."""
         shutil.rmtree(self.partial_path / "checkpoints", ignore_errors=True)
+        (self.partial_path / "run.json").unlink(missing_ok=True)  # the resume key of a partial run
         files = {}
         for f in sorted(self.partial_path.iterdir()):
             if f.is_file() and not f.name.startswith(".") and f.name != "manifest.json":
