@@ -94,6 +94,8 @@ def top_singular(probe: Probe, k: int, x: torch.Tensor | None = None, oversample
     Raises :class:`ConvergenceError` after ``max_iter`` iterations otherwise.
     """
     x = (probe.x0 if x is None else x).to(device=probe.x0.device, dtype=probe.dtype)
+    if not torch.isfinite(x).all():
+        raise ValueError("top_singular: x has non-finite entries")
     d = x.shape[0]
     if not 1 <= k <= d:
         raise ValueError(f"k must be in 1..{d}, got {k}")
