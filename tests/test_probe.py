@@ -134,7 +134,9 @@ def test_f_is_differentiable_and_matches_forward_at_batch1(handle):
     probe = ic.Probe(handle, TEXT, batch_size=1)
     x = probe.x0.clone().requires_grad_(True)
     y = probe.f(x)
-    y.sum().backward()
+    # not y.sum(): after a LayerNorm with unit gain the entries sum to a constant (GPT-2 at init)
+    w = torch.randn(y.shape, generator=torch.Generator().manual_seed(SESSION_SEED))
+    (y @ w).backward()
     assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
     assert torch.equal(y.detach(), probe.reference)
 
