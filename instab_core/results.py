@@ -65,6 +65,11 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
+def _savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    with open(path, "wb") as fh:  # a path would get ".npz" appended; closed before the rename
+        np.savez(fh, **arrays)
+
+
 def _json_default(o: Any) -> Any:
     if isinstance(o, (np.integer,)):
         return int(o)
@@ -139,7 +144,7 @@ class Run:
         """``<name>.npz`` with the arrays' exact bits."""
         data = {k: (v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)) for k, v in arrays.items()}
         target = self.partial_path / f"{name}.npz"
-        _atomic_write(target, lambda p: np.savez(open(p, "wb"), **data))
+        _atomic_write(target, lambda p: _savez(p, data))
         return self.path / target.name
 
     def save_table(self, name: str, table: pd.DataFrame) -> Path:
@@ -163,7 +168,7 @@ class Run:
 
     def save(self, key: str, arrays: dict[str, np.ndarray]) -> None:
         target = self.partial_path / "checkpoints" / f"{key}.npz"
-        _atomic_write(target, lambda p: np.savez(open(p, "wb"), **arrays))
+        _atomic_write(target, lambda p: _savez(p, arrays))
 
     def finish(self, **summary: Any) -> Path:
         """Write the manifest, drop checkpoints, move the folder into place; returns the final path."""
@@ -187,7 +192,7 @@ class Run:
 
 
 def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds")
 
 
 def start_run(experiment: str, params: dict[str, Any], model: Any = None, probe: Any = None,
@@ -221,12 +226,18 @@ def start_run(experiment: str, params: dict[str, Any], model: Any = None, probe:
                 run_id = cand.name[: -len(PARTIAL)]
                 print(f"resuming interrupted run {cand}")
                 return Run(experiment, run_id, root, manifest, time.time(), resumed=True)
-    run_id = _dt.datetime.now().strftime("%Y%m%d-%H%M%S") + f"-{phash[:8]}"
-    run = Run(experiment, run_id, root, manifest, time.time())
-    if run.partial_path.exists() or run.path.exists():
-        run_id += f"-{os.getpid()}"
-        run = Run(experiment, run_id, root, manifest, time.time())
-    run.partial_path.mkdir(parents=True)
+    base = _dt.datetime.now().strftime("%Y%m%d-%H%M%S") + f"-{phash[:8]}"
+    n = 1
+    while True:  # same parameters started in the same second (or by another process): next free suffix
+        run = Run(experiment, base if n == 1 else f"{base}-{n}", root, manifest, time.time())
+        n += 1
+        if run.path.exists():
+            continue
+        try:
+            run.partial_path.mkdir(parents=True)  # atomic: the folder is ours
+            break
+        except FileExistsError:
+            continue
     write_json(run.partial_path / "run.json", {"params_hash": phash, "model": model_info, "created": manifest["created"]})
     return run
 
@@ -265,10 +276,13 @@ class LoadedRun:
 
 
 def _complete_runs(exp_dir: Path) -> list[Path]:
+    """Finished run folders, oldest first (by the manifest's start time, then by name)."""
     if not exp_dir.is_dir():
         return []
-    return sorted(p for p in exp_dir.iterdir() if p.is_dir() and not p.name.endswith(PARTIAL)
-                  and (p / "manifest.json").is_file())
+    runs = [p for p in exp_dir.iterdir() if p.is_dir() and not p.name.endswith(PARTIAL)
+            and (p / "manifest.json").is_file()]
+    created = {p: str(json.loads((p / "manifest.json").read_text()).get("created", "")) for p in runs}
+    return sorted(runs, key=lambda p: (created[p], p.name))
 
 
 def load_run(where: str | Path, experiment: str, model: Any = None, root: Path | None = None) -> LoadedRun:
@@ -290,9 +304,12 @@ def load_run(where: str | Path, experiment: str, model: Any = None, root: Path |
     if not path.is_dir():
         raise ResultsError(f"results folder {path} does not exist")
     manifest_file = path / "manifest.json"
-    if path.name.endswith(PARTIAL) or not manifest_file.is_file():
+    if path.name.endswith(PARTIAL):
         raise ResultsError(f"{path} is an incomplete run (interrupted before it finished): re-run {experiment} "
                            "to resume it, or delete the folder")
+    if not manifest_file.is_file():
+        raise ResultsError(f"{path} has no manifest.json: it is not the folder of a finished run "
+                           f"(pass results/{experiment}/<run-id>, or 'latest')")
     manifest = json.loads(manifest_file.read_text())
     if manifest.get("status") != "complete":
         raise ResultsError(f"{path} has status {manifest.get('status')!r}, not complete: re-run {experiment}")
