@@ -257,7 +257,10 @@ def load_model(
     dev = resolve_device(device)
     name, path = resolve_model_path(name_or_path)
     if true_float64 is None:
-        true_float64 = torch_dtype == torch.float64
+        true_float64 = torch_dtype == torch.float64 and attn_implementation == "eager"
+    if true_float64 and attn_implementation != "eager":
+        raise ModelLoadError(f"true_float64 needs attn_implementation='eager' (got {attn_implementation!r}): "
+                             "fused attention kernels keep their own internal precision")
     source: str | Path = path if path is not None else name
     local_only = path is not None or os.environ.get("INSTAB_ALLOW_DOWNLOAD") != "1"
     try:

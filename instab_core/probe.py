@@ -135,6 +135,8 @@ class Probe:
         """
         X = X.to(device=self.x0.device, dtype=self.dtype)
         n, b = X.shape[0], self.batch_size
+        if n == 0:
+            return self.reference.new_empty((0, self.reference.shape[0]))
         outs = []
         chunks = range(0, n, b)
         if progress and len(chunks) > 1:

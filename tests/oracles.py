@@ -39,7 +39,12 @@ def coordinate_breakpoints(x0: float, d: float, s_max: float, mode: str, limit: 
         mid = (np.float64(c) + np.float64(nxt)) / 2
         s_real = max((mid - np.float64(x0)) / np.float64(d), 0.0)
         center = np.float32(s_real).view(np.int32)
-        window = np.arange(max(int(center) - 64, int(last.view(np.int32))), int(center) + 65, dtype=np.int64)
+        start = max(int(center) - 64, int(last.view(np.int32)))
+        if c == 0:  # from ±0 the first change can be a sign flip at a far smaller s than the midpoint's
+            start = int(last.view(np.int32))
+            if int(center) + 65 - start > 5_000_000:
+                raise AssertionError("oracle scan from a zero coordinate too long; use a larger |d|")
+        window = np.arange(start, int(center) + 65, dtype=np.int64)
         svals = window.astype(np.int32).view(np.float32)
         svals = svals[(svals > last) & (svals <= s_max32)]
         vals = g(x0, svals, d, mode)
