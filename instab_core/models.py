@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-ZOO = Path(__file__).parent / "zoo"
-BUNDLED: dict[str, Path] = {"tiny-llama": ZOO / "tiny-llama", "tiny-gpt2": ZOO / "tiny-gpt2"}
+from .zoo import BUNDLED
+
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16,
 }

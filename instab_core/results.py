@@ -37,12 +37,13 @@ class ResultsError(ValueError):
 
 
 def project_root(start: Path | None = None) -> Path | None:
-    """The instab checkout containing ``start`` (default: cwd), or None."""
-    here = (start or Path.cwd()).resolve()
-    for d in (here, *here.parents):
-        if (d / "_toc.yml").is_file() and (d / "instab_core").is_dir():
-            return d
-    return None
+    """The instab checkout containing ``start`` (default: cwd), or None outside one."""
+    from .book import repo_root
+
+    try:
+        return repo_root(start)
+    except FileNotFoundError:
+        return None  # an installed package used outside a checkout: results go under ./results
 
 
 def results_root() -> Path:

@@ -36,7 +36,7 @@ from transformers import (
 
 from instab_core.zoo.corpus import P0, PROSE_PROMPT, SEED, SEED_QA, build_corpus, build_documents
 
-ZOO_DIR = Path(__file__).resolve().parent
+from . import ZOO_DIR
 MODELS = ("tiny-llama", "tiny-gpt2")
 VOCAB_SIZE = 2048
 SPECIAL_TOKENS = ["<s>", "</s>", "<pad>"]
