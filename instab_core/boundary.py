@@ -131,8 +131,9 @@ def first_output_change(
     ``method``: "exact" (distinct input states in order) or "bisect" (the seed's method on bits).
     ``semantics``: "batched" (fixed batch of ``probe.batch_size``) or "batch1" (every state at batch
     size 1, reference too, as the seed ran it).
-    ``chunk``: states per ray evaluated in the first round (doubling afterwards, up to 64); 1 is
-    best when most rays change at their first few input states, as measured on the bundled models.
+    ``chunk``: states per ray evaluated in the first round (doubling afterwards, up to max(chunk, 4));
+    1 gives the fewest rows when rays change within their first few input states, as measured on
+    the bundled models.
     Rays are processed in blocks of ``ray_block``; with a ``checkpoint`` each finished block is
     saved and found again on resume.
     """
@@ -199,11 +200,10 @@ def _exact_block(probe: Probe, D: torch.Tensor, s_max: float, mode: fp.Mode, thr
                  chunk: int, max_states: int) -> dict[str, np.ndarray]:
     R, dev = D.shape[0], D.device
     x0 = probe.x0.float()
-    zeros = torch.zeros(R, dtype=torch.float32, device=dev)
-    s_in = fp.ray_breakpoints(x0, D, zeros, s_max, mode, 1)[:, 0]
+    lattice = fp.RayLattice(x0, D, s_max, mode)
+    s_in = lattice.frontier.min(dim=1).values
     nan = torch.full((R,), float("nan"), device=dev)
     s_out, s_below = nan.clone(), nan.clone()
-    cursor = zeros.clone()  # every state with s ≤ cursor has been evaluated and was unchanged
     states = torch.zeros(R, dtype=torch.int64, device=dev)
     status = np.array(["pending"] * R, dtype=object)
     out_at = probe.reference.expand(R, -1).clone()
@@ -213,18 +213,17 @@ def _exact_block(probe: Probe, D: torch.Tensor, s_max: float, mode: fp.Mode, thr
         if active.size == 0:
             break
         idx = torch.from_numpy(active).to(dev)
-        take = torch.clamp(max_states - states[idx], min=1).min().item()
-        B = fp.ray_breakpoints(x0, D[idx], cursor[idx], s_max, mode, int(min(step, take)))  # [a, k]
+        take = int(torch.clamp(max_states - states[idx], min=1).min())
+        B = lattice.advance(idx, min(step, take))  # [a, k] the next distinct input states, in order
         valid = torch.isfinite(B)
         ray_of, k_of = torch.nonzero(valid, as_tuple=True)
-        changed_any = torch.zeros_like(valid)
+        changed_at = torch.zeros_like(valid)
         if ray_of.numel():
             X = fp.perturb(x0, B[ray_of, k_of][:, None], D[idx][ray_of], mode)
             out, changed = _evaluate(probe, X, threshold)
-            changed_any[ray_of, k_of] = changed
-            first = torch.where(changed_any, torch.arange(B.shape[1], device=dev), B.shape[1]).min(dim=1).values
-        else:
-            first = torch.full((len(active),), B.shape[1], device=dev)
+            changed_at[ray_of, k_of] = changed
+        k_range = torch.arange(B.shape[1], device=dev)
+        first = torch.where(changed_at, k_range, B.shape[1]).min(dim=1).values
         n_valid = valid.sum(dim=1)
         for j, r in enumerate(active.tolist()):
             f = int(first[j])
@@ -233,17 +232,16 @@ def _exact_block(probe: Probe, D: torch.Tensor, s_max: float, mode: fp.Mode, thr
                 s_below[r] = fp.next_down(B[j, f])
                 states[r] += f + 1
                 status[r] = "found"
-                row = int(torch.nonzero((ray_of == j) & (k_of == f))[0])
-                out_at[r] = out[row]
-                continue
-            states[r] += int(n_valid[j])
-            if int(n_valid[j]) < B.shape[1]:
-                status[r] = "stable"  # no breakpoint left up to s_max
-            elif states[r] >= max_states:
-                status[r] = "capped"
+                out_at[r] = out[int(torch.nonzero((ray_of == j) & (k_of == f))[0])]
             else:
-                cursor[r] = B[j, -1]
-        step = min(2 * step, 64)
+                states[r] += int(n_valid[j])
+                if int(n_valid[j]) < B.shape[1]:
+                    status[r] = "stable"  # no breakpoint left up to s_max
+                elif states[r] >= max_states:
+                    status[r] = "capped"
+        # Grow the round while rays keep absorbing changes, but only to 4 states: a larger round
+        # overshoots the first change by up to round-1 wasted rows per ray.
+        step = min(2 * step, max(chunk, 4))
     absorbed = torch.where(torch.from_numpy(status == "found").to(dev), states - 1, states)
     return _finish(probe, D, x0, s_in, s_out, s_below, absorbed, states, status, mode, out_at)
 
@@ -253,7 +251,7 @@ def _bisect_block(probe: Probe, D: torch.Tensor, s_max: float, mode: fp.Mode, th
     """The seed's search on float32 bit patterns: assumes "changed" is monotone in s."""
     R, dev = D.shape[0], D.device
     x0 = probe.x0.float()
-    s_in = fp.ray_breakpoints(x0, D, torch.zeros(R, dtype=torch.float32, device=dev), s_max, mode, 1)[:, 0]
+    s_in = fp.RayLattice(x0, D, s_max, mode).frontier.min(dim=1).values
     smax_t = torch.full((R,), s_max, dtype=torch.float32, device=dev)
     _, changed_at_max = _evaluate(probe, fp.perturb(x0, smax_t[:, None], D, mode), threshold)
     lo = torch.zeros(R, dtype=torch.int64, device=dev)
@@ -283,18 +281,17 @@ def _bisect_block(probe: Probe, D: torch.Tensor, s_max: float, mode: fp.Mode, th
 
 
 def _count_breakpoints_below(x0: torch.Tensor, d: torch.Tensor, s: float, mode: fp.Mode, cap: int = 100_000) -> int:
-    """Number of input changes in (0, s) along one ray (model-free), counted up to ``cap``."""
-    count, cursor = 0, torch.zeros(1, dtype=torch.float32, device=d.device)
+    """Number of input changes in (0, s) along one ray d [1, n] (model-free), counted up to ``cap``."""
     limit = float(fp.next_down(torch.tensor(s, dtype=torch.float32)))
     if limit <= 0:
         return 0
+    lattice = fp.RayLattice(x0, d, limit, mode)
+    count, ray = 0, torch.zeros(1, dtype=torch.int64, device=d.device)
     while count < cap:
-        B = fp.ray_breakpoints(x0, d, cursor, limit, "fp32" if mode == "fp32" else "fp64", 64)[0]
-        fin = B[torch.isfinite(B)]
-        count += int(fin.numel())
-        if fin.numel() < 64:
-            return count
-        cursor = fin[-1:].clone()
+        n = int(torch.isfinite(lattice.advance(ray, 64)).sum())
+        count += n
+        if n < 64:
+            break
     return count
 
 

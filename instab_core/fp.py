@@ -149,28 +149,48 @@ def next_breakpoints(
     return torch.where(changes & (s_from < s_max), out, torch.full_like(out, float("inf")))
 
 
+class RayLattice:
+    """The distinct float32 input states along rays, walked in increasing s.
+
+    Keeps, per ray and coordinate, the next scale at which that coordinate changes (``frontier``,
+    [R, n]). The next state of a ray is at the smallest entry of its row; only the coordinates
+    that change there are advanced (one bisection each), so a new state costs O(changed
+    coordinates), not O(n).
+    """
+
+    def __init__(self, x0: torch.Tensor, D: torch.Tensor, s_max: float, mode: Mode,
+                 s_from: torch.Tensor | None = None) -> None:
+        self.x0, self.D, self.s_max, self.mode = x0, D, float(s_max), mode
+        if s_from is None:
+            s_from = torch.zeros(D.shape[0], dtype=torch.float32, device=D.device)
+        self.frontier = next_breakpoints(x0, D, s_from, s_max, mode)
+
+    def advance(self, rays: torch.Tensor, count: int) -> torch.Tensor:
+        """Pop the next ``count`` breakpoints of each ray in ``rays`` (indices [a]): [a, count] float32,
+        ascending, +inf once a ray has no breakpoint left up to s_max."""
+        nb = self.frontier[rays]
+        out = torch.full((rays.shape[0], count), float("inf"), dtype=torch.float32, device=nb.device)
+        for k in range(count):
+            m = nb.min(dim=1).values
+            out[:, k] = m
+            r, i = torch.nonzero((nb == m[:, None]) & torch.isfinite(m)[:, None], as_tuple=True)
+            if r.numel() == 0:
+                break
+            nb[r, i] = next_breakpoints(self.x0[i][:, None], self.D[rays[r], i][:, None], m[r], self.s_max,
+                                        self.mode)[:, 0]
+        self.frontier[rays] = nb
+        return out
+
+
 def ray_breakpoints(
     x0: torch.Tensor, d: torch.Tensor, s_from: torch.Tensor, s_max: float, mode: Mode, count: int
 ) -> torch.Tensor:
     """The next ``count`` distinct float32 scales in (s_from, s_max] at which each ray's input changes.
 
     x0 [n], d [R, n], s_from [R] float32. Returns [R, count] float32 sorted ascending, +inf-padded
-    where fewer than ``count`` breakpoints exist up to s_max. Exact: the first ``count``
-    breakpoints of the union over coordinates lie among each coordinate's own first ``count``
-    breakpoints, so ``count`` rounds of :func:`next_breakpoints` suffice.
+    where fewer than ``count`` breakpoints exist up to s_max.
     """
     if count < 1:
         raise ValueError("count must be >= 1")
-    rays, n = d.shape
-    cursor = s_from.reshape(rays, 1).expand(rays, n)
-    per_coord = []
-    for _ in range(count):
-        nxt = next_breakpoints(x0, d, cursor, s_max, mode)
-        per_coord.append(nxt)
-        cursor = torch.where(torch.isinf(nxt), torch.full_like(nxt, s_max), nxt)
-    allb = torch.cat(per_coord, dim=1).sort(dim=1).values  # [R, count*n]
-    # Several coordinates may change at the same s: keep distinct scales only.
-    dup = torch.zeros_like(allb, dtype=torch.bool)
-    dup[:, 1:] = allb[:, 1:] == allb[:, :-1]
-    allb = torch.where(dup, torch.full_like(allb, float("inf")), allb).sort(dim=1).values
-    return allb[:, :count].contiguous()
+    lattice = RayLattice(x0, d, s_max, mode, s_from.reshape(-1))
+    return lattice.advance(torch.arange(d.shape[0], device=d.device), count)

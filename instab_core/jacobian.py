@@ -54,7 +54,7 @@ def _fix_signs(U: torch.Tensor, Vt: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return U * signs[None, :], Vt * signs[:, None]
 
 
-def jacobian(probe: Probe, x: torch.Tensor | None = None, chunk_size: int | None = 64) -> torch.Tensor:
+def jacobian(probe: Probe, x: torch.Tensor | None = None, chunk_size: int | None = 256) -> torch.Tensor:
     """Dense J = ∂f/∂x at x (default x0), [m, d] in the probe's dtype, at batch size 1."""
     x = (probe.x0 if x is None else x).to(device=probe.x0.device, dtype=probe.dtype)
     if not torch.isfinite(x).all():
@@ -62,7 +62,7 @@ def jacobian(probe: Probe, x: torch.Tensor | None = None, chunk_size: int | None
     return jacrev(probe.f, chunk_size=chunk_size)(x).detach()
 
 
-def spectrum(probe: Probe, x: torch.Tensor | None = None, chunk_size: int | None = 64) -> Spectrum:
+def spectrum(probe: Probe, x: torch.Tensor | None = None, chunk_size: int | None = 256) -> Spectrum:
     """Full SVD of the dense Jacobian (computed in float64 from J in the probe's dtype)."""
     J = jacobian(probe, x, chunk_size).double()
     U, S, Vt = torch.linalg.svd(J, full_matrices=False)
