@@ -142,7 +142,10 @@ def invariance_table(f: Callable[[torch.Tensor], torch.Tensor], X: torch.Tensor,
     need = max(batch_sizes) - 1
     if companions.shape[0] < need:
         raise ValueError(f"need {need} companion rows for batch size {max(batch_sizes)}, got {companions.shape[0]}")
+    _positions(positions, max(batch_sizes))  # validate names before any forward
     threads = [torch.get_num_threads()] if not threads else list(threads)
+    if min(threads) < 1:
+        raise ValueError("thread counts must be >= 1")
     rows: list[dict[str, Any]] = []
     first_alone: torch.Tensor | None = None
     for t in threads:
