@@ -90,13 +90,30 @@ class Probe:
     def token_texts(self) -> list[str]:
         return [self.handle.tokenizer.decode([int(i)]) for i in self.ids]
 
-    def f_batch(self, X: torch.Tensor) -> torch.Tensor:
-        """Differentiable f for X [n, d] in one forward of exactly n rows; returns [n, m]."""
+    def embeds(self, X: torch.Tensor) -> torch.Tensor:
+        """The prompt's input embeddings [n, L, d] with row ``position`` replaced by each row of X [n, d]."""
         n = X.shape[0]
         X = X.to(device=self.x0.device, dtype=self.dtype)
+        p, E = self.position, self.E
+        return torch.cat([E[:p].expand(n, p, -1), X[:, None, :], E[p + 1:].expand(n, E.shape[0] - p - 1, -1)], dim=1)
+
+    def pad(self, X: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
+        """X [n, d] split into chunks of exactly ``batch_size`` rows (the last padded with x0): (chunk, real rows)."""
+        X = X.to(device=self.x0.device, dtype=self.dtype)
+        b = self.batch_size
+        out = []
+        for start in range(0, X.shape[0], b):
+            chunk = X[start:start + b]
+            k = chunk.shape[0]
+            if k < b:
+                chunk = torch.cat([chunk, self.x0.expand(b - k, -1)], dim=0)
+            out.append((chunk, k))
+        return out
+
+    def f_batch(self, X: torch.Tensor) -> torch.Tensor:
+        """Differentiable f for X [n, d] in one forward of exactly n rows; returns [n, m]."""
+        emb = self.embeds(X)
         p = self.position
-        E = self.E
-        emb = torch.cat([E[:p].expand(n, p, -1), X[:, None, :], E[p + 1:].expand(n, E.shape[0] - p - 1, -1)], dim=1)
         captured: dict[str, torch.Tensor] = {}
         h = self.handle
         tgt = self.target
@@ -133,22 +150,16 @@ class Probe:
 
         Every row is computed in the same batch shape as ``reference``.
         """
-        X = X.to(device=self.x0.device, dtype=self.dtype)
-        n, b = X.shape[0], self.batch_size
-        if n == 0:
+        if X.shape[0] == 0:
             return self.reference.new_empty((0, self.reference.shape[0]))
-        outs = []
-        chunks = range(0, n, b)
+        chunks = self.pad(X)
         if progress and len(chunks) > 1:
             from tqdm.auto import tqdm
             chunks = tqdm(chunks, desc="forward", unit="batch")
-        for start in chunks:
-            chunk = X[start:start + b]
-            k = chunk.shape[0]
-            if k < b:
-                chunk = torch.cat([chunk, self.x0.expand(b - k, -1)], dim=0)
+        outs = []
+        for chunk, k in chunks:
             outs.append(self.f_batch(chunk)[:k])
-            self.rows_evaluated += b
+            self.rows_evaluated += chunk.shape[0]
         return torch.cat(outs, dim=0)
 
     def with_batch_size(self, batch_size: int) -> "Probe":
