@@ -116,29 +116,20 @@ def _logits(probe: Probe, out: torch.Tensor) -> torch.Tensor:
                      "the logits and the token flip are computed from the final hidden state")
 
 
-def _inputs(x0: torch.Tensor, v: torch.Tensor, eps: np.ndarray, noise: str, n: int, gen: torch.Generator,
-            vector_scale: float, scalar_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(X1, X2) float64 before rounding. plain: X1 [E, d], X2 empty. noise: [E, n, d] each."""
-    e = torch.from_numpy(eps)
+def _block(x0: torch.Tensor, v: torch.Tensor, e: float, noise: str, n: int, gen: torch.Generator,
+           vector_scale: float, scalar_scale: float) -> torch.Tensor:
+    """Rows (float64, before rounding) of one (direction, ε) block: plain [1, d]; noise [2n, d] = rep1 rows, rep2 rows."""
     if noise == "none":
-        return x0 + e[:, None] * v, x0.new_empty((0, x0.shape[0]))
+        return (x0 + e * v)[None]
     if noise == "vector":
-        u = torch.rand((len(eps), n, x0.shape[0]), generator=gen, dtype=torch.float64) * 2 - 1
-        r = u * (e[:, None, None] * vector_scale)
-        return x0 + e[:, None, None] * v + r, x0 + r
-    u = torch.rand((len(eps), n), generator=gen, dtype=torch.float64) * 2 - 1
-    r = (u * scalar_scale)[..., None]
-    return x0 + (e[:, None, None] + r) * v, x0 + r * v
+        r = (torch.rand((n, x0.shape[0]), generator=gen, dtype=torch.float64) * 2 - 1) * (e * vector_scale)
+        return torch.cat([x0 + e * v + r, x0 + r])
+    r = ((torch.rand(n, generator=gen, dtype=torch.float64) * 2 - 1) * scalar_scale)[:, None]
+    return torch.cat([x0 + (e + r) * v, x0 + r * v])
 
 
-def noise_inputs(probe: Probe, directions: np.ndarray | torch.Tensor, eps: Iterable[float], noise: str,
-                 n_samples: int, seed: int = 0, vector_scale: float = 1e-2,
-                 scalar_scale: float = 1e-9) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The exact rounded inputs the kernel evaluates: per direction (X1, X2) in the probe's dtype.
-
-    Noise is drawn from one ``torch.Generator(seed)`` direction by direction, ε by ε (so an independent
-    loop can reproduce it). Shapes: plain X1 [E, d]; noise X1, X2 [E, n, d].
-    """
+def _check(probe: Probe, directions: np.ndarray | torch.Tensor, eps: Iterable[float], noise: str,
+           n_samples: int) -> tuple[torch.Tensor, np.ndarray]:
     eps = check_eps(eps)
     if noise not in NOISE:
         raise ValueError(f"unknown noise variant {noise!r}; use one of {NOISE}")
@@ -147,42 +138,53 @@ def noise_inputs(probe: Probe, directions: np.ndarray | torch.Tensor, eps: Itera
     D = torch.as_tensor(np.asarray(directions), dtype=torch.float64)
     if D.ndim != 2 or D.shape[1] != probe.d:
         raise ValueError(f"directions must be [k, {probe.d}] (got {tuple(D.shape)})")
+    return D, eps
+
+
+def iter_blocks(probe: Probe, directions: np.ndarray | torch.Tensor, eps: Iterable[float], noise: str = "none",
+                n_samples: int = 100, seed: int = 0, vector_scale: float = 1e-2, scalar_scale: float = 1e-9):
+    """The exact inputs the kernel evaluates, block by block: yields (k, i, X) with X in the probe's dtype.
+
+    X is fl(rows) for direction k and step eps[i]: plain [1, d]; noise [2n, d] (n rep1 rows, then n rep2 rows).
+    Noise comes from one ``torch.Generator(seed)``, drawn direction by direction, ε by ε, in that order
+    (an independent loop reproduces it); each block needs O(n·d) memory, never the whole sweep.
+    """
+    D, eps = _check(probe, directions, eps, noise, n_samples)
     gen = torch.Generator().manual_seed(int(seed))
     x0 = probe.x0.double().cpu()
-    out = []
-    for v in D:
-        X1, X2 = _inputs(x0, v, eps, noise, n_samples, gen, vector_scale, scalar_scale)
-        out.append((X1.to(probe.dtype), X2.to(probe.dtype)))
-    return out
+    for k, v in enumerate(D):
+        for i, e in enumerate(eps):
+            yield k, i, _block(x0, v, float(e), noise, n_samples, gen, vector_scale, scalar_scale).to(probe.dtype)
 
 
 def _token_stats(lg: torch.Tensor, ref_lg: torch.Tensor) -> dict[str, np.ndarray]:
-    """lg [E, V], ref_lg [V] (float64)."""
-    p = torch.softmax(lg, dim=-1)
-    p0 = torch.softmax(ref_lg, dim=-1)
-    t0 = int(ref_lg.argmax())
-    t = lg.argmax(dim=-1)
+    """lg [E, V] against ref_lg [E, V] or [V] (float64)."""
+    ref_lg = ref_lg.expand_as(lg)
+    p, p0 = torch.softmax(lg, dim=-1), torch.softmax(ref_lg, dim=-1)
+    t0, t = ref_lg.argmax(dim=-1), lg.argmax(dim=-1)
+    g = lambda a, idx: a.gather(1, idx[:, None])[:, 0].numpy()  # noqa: E731
     return {
         "logit_diff": (lg - ref_lg).norm(dim=-1).numpy(),
-        "orig_token_id": np.full(lg.shape[0], t0), "pert_token_id": t.numpy(),
-        "orig_prob": np.full(lg.shape[0], float(p0[t0])), "pert_prob": p.gather(1, t[:, None])[:, 0].numpy(),
-        "orig_token_prob_after": p[:, t0].numpy(),
-        "orig_logit": np.full(lg.shape[0], float(ref_lg[t0])), "pert_logit": lg.gather(1, t[:, None])[:, 0].numpy(),
+        "orig_token_id": t0.numpy(), "pert_token_id": t.numpy(),
+        "orig_prob": g(p0, t0), "pert_prob": g(p, t), "orig_token_prob_after": g(p, t0),
+        "orig_logit": g(ref_lg, t0), "pert_logit": g(lg, t),
         "token_changed": (t != t0).numpy(),
     }
 
 
 def finite_difference(probe: Probe, directions: Directions | np.ndarray | torch.Tensor, eps: Iterable[float],
                       noise: str = "none", n_samples: int = 100, seed: int = 0, vector_scale: float = 1e-2,
-                      scalar_scale: float = 1e-9, max_rows: int = 8192, progress: bool = True) -> FDResult:
+                      scalar_scale: float = 1e-9, max_rows: int = 4096, progress: bool = True) -> FDResult:
     """Finite-difference Lipschitz estimates for every direction and ε, batched.
 
-    ``directions``: :class:`Directions` or unit rows [k, d]. ``eps``: steps > 0. Inputs are rounded to
-    the probe's dtype (the model's precision). Rows per forward group: at most ``max_rows`` (whole
-    (direction, ε) blocks, so memory stays bounded on an 8B model; each group is padded to the batch
-    shape once). Returns the table (columns: direction, index, sigma, eps, L, L_over_sigma, output_diff,
-    input_change, input_moved, L_realised, logit_diff, token ids/probs/logits before and after,
-    token_changed, regime (input_unchanged | absorbed | changed); noise variants add n_samples and the realised input change of the un-noised step).
+    ``directions``: :class:`Directions` or unit rows [k, d]. ``eps``: steps > 0. Inputs are rounded once to
+    the probe's dtype (the model's precision). The rows of all directions, steps and samples are streamed
+    through :meth:`Probe.forward` in groups of ``max_rows`` (a multiple of the batch size), across block
+    boundaries, so only the last pass is padded; outputs and logits are summed per (direction, ε, side) as
+    they come (memory O(k·E·(m + V)) however many samples). Returns the table (columns: direction, index,
+    sigma, eps, L, L_over_sigma, output_diff, input_change, input_moved, L_realised, logit_diff, token
+    ids/probs/logits before and after, token_changed, regime (input_unchanged | absorbed | changed);
+    noise variants: tokens from the mean logits of rep1 against those of rep2, the seed's convention).
     """
     if not isinstance(directions, Directions):
         D = np.asarray(directions, dtype=np.float64)
@@ -190,54 +192,63 @@ def finite_difference(probe: Probe, directions: Directions | np.ndarray | torch.
             raise ValueError(f"directions must be [k, d] (got shape {D.shape})")
         directions = Directions(D=D, labels=[f"dir{i}" for i in range(len(D))], index=np.zeros(len(D), int),
                                 sigma=np.full(len(D), np.nan))
-    eps = check_eps(eps)
+    Dt, eps = _check(probe, directions.D, eps, noise, n_samples)
     _logits(probe, probe.reference[None])  # raises for targets without logits before any work
-    Xs = noise_inputs(probe, directions.D, eps, noise, n_samples, seed, vector_scale, scalar_scale)
+    K, E = Dt.shape[0], len(eps)
+    n = 1 if noise == "none" else n_samples
+    sides = 1 if noise == "none" else 2
     ref = probe.reference.double().cpu()
     ref_lg = _logits(probe, probe.reference[None])[0].double().cpu()
-    x0 = probe.x0.double().cpu()
+    m, V = ref.shape[0], ref_lg.shape[0]
+    sum_out = torch.zeros(K * E * sides, m, dtype=torch.float64)
+    sum_lg = torch.zeros(K * E * sides, V, dtype=torch.float64)
+    b = probe.batch_size
+    G = max(b, max_rows // b * b)
     rows0 = probe.rows_evaluated
-    E = len(eps)
-    per_block = 1 if noise == "none" else 2 * n_samples
-    blocks_per_group = max(1, max_rows // per_block)
-    frames = []
+    pend_X: list[torch.Tensor] = []
+    pend_key: list[torch.Tensor] = []  # per row: the (direction, ε, side) slot it is summed into
+    pending = 0
+
+    def flush(final: bool) -> None:
+        nonlocal pend_X, pend_key, pending
+        while pending >= G or (final and pending > 0):
+            X, key = torch.cat(pend_X), torch.cat(pend_key)
+            take = min(G, X.shape[0])
+            out = probe.forward(X[:take])
+            lg = _logits(probe, out)
+            sum_out.index_add_(0, key[:take], out.double().cpu())
+            sum_lg.index_add_(0, key[:take], lg.double().cpu())
+            pend_X, pend_key, pending = [X[take:]], [key[take:]], X.shape[0] - take
+
     from tqdm.auto import tqdm
-    it = tqdm(list(enumerate(Xs)), desc=f"FD ({noise})", disable=not progress or len(Xs) < 2)
-    for k, (X1, X2) in it:
+    blocks = iter_blocks(probe, directions.D, eps, noise, n_samples, seed, vector_scale, scalar_scale)
+    for k, i, X in tqdm(blocks, total=K * E, desc=f"FD ({noise})", disable=not progress or K * E * n < 4 * G):
+        side = torch.arange(X.shape[0]) // n  # 0: rep1 (or the plain step), 1: rep2
+        pend_X.append(X)
+        pend_key.append((k * E + i) * sides + side)
+        pending += X.shape[0]
+        flush(False)
+    flush(True)
+    rows = probe.rows_evaluated - rows0
+    mean_out = (sum_out / n).reshape(K, E, sides, m)
+    mean_lg = (sum_lg / n).reshape(K, E, sides, V)
+    x0 = probe.x0.double().cpu()
+    frames = []
+    for k in range(K):
         # the un-noised realised step fl(x0 + εv) − x0, reported for every variant
-        step = (x0 + torch.from_numpy(eps)[:, None] * torch.from_numpy(directions.D[k])).to(probe.dtype).double() - x0
+        step = (x0 + torch.from_numpy(eps)[:, None] * Dt[k]).to(probe.dtype).double() - x0
         dx = step.norm(dim=1).numpy()
         if noise == "none":
-            flat = X1
+            diff = (mean_out[k, :, 0] - ref).norm(dim=1).numpy()
+            tok = _token_stats(mean_lg[k, :, 0], ref_lg)
         else:
-            flat = torch.stack([X1, X2], dim=1).reshape(E * per_block, -1)  # [E, 2, n, d] -> rows
-        outs, lgs = [], []
-        g = blocks_per_group * per_block
-        for s in range(0, flat.shape[0], g):
-            o = probe.forward(flat[s:s + g])
-            lgs.append(_logits(probe, o).double().cpu())
-            outs.append(o.double().cpu())
-        out, lg = torch.cat(outs), torch.cat(lgs)
-        if noise == "none":
-            df_out, lg_e = out - ref, lg
-            base_lg = ref_lg
-        else:
-            out = out.reshape(E, 2, n_samples, -1).mean(dim=2)
-            lgm = lg.reshape(E, 2, n_samples, -1).mean(dim=2)
-            df_out, lg_e = out[:, 0] - out[:, 1], lgm[:, 0]
-            base_lg = None
-        diff = df_out.norm(dim=1).numpy()
-        if base_lg is None:  # tokens from the mean logits, per ε (the seed's convention)
-            stats = [_token_stats(lgm[i, 0:1], lgm[i, 1]) for i in range(E)]
-            tok = {key: np.concatenate([s_[key] for s_ in stats]) for key in stats[0]}
-        else:
-            tok = _token_stats(lg_e, base_lg)
+            diff = (mean_out[k, :, 0] - mean_out[k, :, 1]).norm(dim=1).numpy()
+            tok = _token_stats(mean_lg[k, :, 0], mean_lg[k, :, 1])
         with np.errstate(divide="ignore", invalid="ignore"):
             L_real = np.where(dx > 0, diff / np.where(dx > 0, dx, 1.0), np.nan)
         frame = pd.DataFrame({
             "direction": directions.labels[k], "index": int(directions.index[k]), "sigma": directions.sigma[k],
-            "eps": eps, "eps_power": np.round(-np.log10(eps), 6), "noise": noise,
-            "n_samples": 1 if noise == "none" else n_samples,
+            "eps": eps, "eps_power": np.round(-np.log10(eps), 6), "noise": noise, "n_samples": n,
             "L": diff / eps, "output_diff": diff, "input_change": dx, "input_moved": dx > 0, "L_realised": L_real,
             **tok,
         })
@@ -245,10 +256,8 @@ def finite_difference(probe: Probe, directions: Directions | np.ndarray | torch.
         # why L is 0 or undefined: the rounded input did not move, or it moved and the model absorbed it
         frame["regime"] = np.where(dx == 0, "input_unchanged", np.where(diff == 0, "absorbed", "changed"))
         frames.append(frame)
-    rows = probe.rows_evaluated - rows0
-    n_rows_seed = len(directions.D) * E * (2 if noise == "none" else 2 * n_samples)
-    return FDResult(table=pd.concat(frames, ignore_index=True), forward_passes=rows // probe.batch_size, rows=rows,
-                    batch_size=probe.batch_size, seed_style_passes=n_rows_seed)
+    return FDResult(table=pd.concat(frames, ignore_index=True), forward_passes=rows // b, rows=rows,
+                    batch_size=b, seed_style_passes=K * E * 2 * n)
 
 
 def rounding_floor(table: pd.DataFrame, sigma_1: float, factor: float = 2.0) -> float:
