@@ -285,8 +285,8 @@ def precision_table(x0: torch.Tensor | np.ndarray, v: torch.Tensor | np.ndarray,
     """
     from .fp import ulp_distance
     eps = check_eps(eps)
-    x0 = torch.as_tensor(np.asarray(x0), dtype=torch.float32)
-    v = torch.as_tensor(np.asarray(v), dtype=torch.float64)
+    x0 = (x0.detach().cpu() if isinstance(x0, torch.Tensor) else torch.from_numpy(np.asarray(x0))).to(torch.float32)
+    v = (v.detach().cpu() if isinstance(v, torch.Tensor) else torch.from_numpy(np.asarray(v))).to(torch.float64)
     X = (x0.double()[None] + torch.from_numpy(eps)[:, None] * float(sigma) * v[None]).float()
     ulps = ulp_distance(X, x0.expand_as(X)).to(torch.int64)
     a, b = X.double().numpy(), x0.double().numpy()
