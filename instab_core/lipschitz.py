@@ -20,7 +20,7 @@ seed ran one batch-1 forward per row and recomputed f(x0) on every call.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -93,7 +93,6 @@ class FDResult:
     rows: int
     batch_size: int
     seed_style_passes: int  # batch-1 forwards the seed's loops needed for the same table
-    extra: dict = field(default_factory=dict)
 
 
 def _logits(probe: Probe, out: torch.Tensor) -> torch.Tensor:
