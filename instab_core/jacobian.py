@@ -84,7 +84,7 @@ def _orth(A: torch.Tensor) -> torch.Tensor:
     return Q
 
 
-def top_singular(probe: Probe, k: int, x: torch.Tensor | None = None, oversample: int = 8,
+def top_singular(probe: Probe, k: int, x: torch.Tensor | None = None, oversample: int = 16,
                  max_iter: int = 100, tol: float = 1e-4, seed: int = 0) -> Spectrum:
     """Top-k singular triplets of J at x without forming J.
 
