@@ -254,6 +254,8 @@ def load_model(
 
     hf_logging.disable_progress_bar()  # a per-tensor loading bar in every notebook output says nothing
     torch_dtype = resolve_dtype(dtype)
+    if torch_dtype == torch.float64 and str(device).startswith("mps"):
+        raise ModelLoadError("MPS has no float64: use device='cpu' (or cuda) for float64, or dtype='float32' on MPS")
     dev = resolve_device(device)
     name, path = resolve_model_path(name_or_path)
     if true_float64 is None:

@@ -311,3 +311,8 @@ def test_bundled_tiny_llama_is_the_default_and_answers_paris():
     assert h.name == "tiny-llama"
     probe = ic.Probe(h, "The capital of France is", target="logits", batch_size=1)
     assert h.tokenizer.decode([int(probe.reference.argmax())]) == " Paris"
+
+
+def test_a_precision_the_device_cannot_run_is_refused():
+    with pytest.raises(ModelLoadError, match="MPS has no float64"):
+        ic.load_model("tiny-llama", dtype="float64", device="mps")
