@@ -29,6 +29,9 @@ book: setup
 bench: setup
 	$(BIN)/python benchmarks/bench_boundary.py
 	$(BIN)/python benchmarks/bench_jacobian.py
+	$(BIN)/python benchmarks/bench_sweep.py
+	$(BIN)/python benchmarks/bench_lipschitz.py
+	$(BIN)/python benchmarks/bench_decision.py
 
 clean-book:
 	rm -rf _build book/experiments/*.ipynb

@@ -7,10 +7,11 @@
     res = ic.boundary.first_output_change(probe, spec.directions[:2], s_max=1e-6)
 """
 
-from . import amplification, boundary, fp, injection, jacobian, lipschitz, numerics, plots, results, sweep, weights
+from . import amplification, boundary, decision, fp, injection, jacobian, lipschitz, numerics, plots, results, sweep, weights
 from .models import BUNDLED, ModelHandle, ModelLoadError, load_model
 from .probe import Probe
 
-__all__ = ["BUNDLED", "ModelHandle", "ModelLoadError", "Probe", "amplification", "boundary", "fp", "injection",
+__all__ = ["BUNDLED", "ModelHandle", "ModelLoadError", "Probe", "amplification", "boundary", "decision", "fp",
+           "injection",
            "jacobian", "lipschitz", "load_model", "numerics", "plots", "results", "sweep", "weights"]
 __version__ = "0.1.0"

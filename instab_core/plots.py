@@ -123,8 +123,9 @@ def _arr(a: ArrayLike) -> np.ndarray:
 
 def _layout(fig: go.Figure, title: str, xlabel: str, ylabel: str, log_x: bool, log_y: bool) -> go.Figure:
     fig.update_layout(template="instab", title=title or None)
-    fig.update_xaxes(title=xlabel or None, type="log" if log_x else "linear")
-    fig.update_yaxes(title=ylabel or None, type="log" if log_y else "linear")
+    # "-" lets plotly detect the type, so string labels (stage names, tokens) make a category axis.
+    fig.update_xaxes(title=xlabel or None, type="log" if log_x else "-")
+    fig.update_yaxes(title=ylabel or None, type="log" if log_y else "-")
     return fig
 
 

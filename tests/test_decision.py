@@ -1,0 +1,461 @@
+"""Decision geometry: tie points, flip scans, logit-gap grids and their statistics, against independent oracles.
+
+Oracles: numpy float arithmetic for the inputs, one-row evaluations for the cells, brute-force scans for the
+first flips, and plain Python loops for every grid statistic, on fresh random inputs (session seed).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections import deque
+
+import numpy as np
+import pytest
+import torch
+
+import instab_core as ic
+from instab_core import decision as dc
+from randmodels import SESSION_SEED, random_model_dir
+
+PROMPT = "The capital of France is"
+RNG = np.random.default_rng(SESSION_SEED)
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def handle(request, tmp_path_factory):
+    return ic.load_model(random_model_dir(tmp_path_factory.mktemp(request.param), request.param))
+
+
+@pytest.fixture(scope="module")
+def probe(handle):
+    return ic.Probe(handle, PROMPT, target="logits", batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def tie(probe):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return dc.tie_point(probe)
+
+
+def _gaps(probe, X, t1, t2):
+    out = probe.forward(torch.as_tensor(X))
+    return (out[:, t1] - out[:, t2]).numpy()
+
+
+def _assert_float_tie(probe, res):
+    """G(x) == 0, or x and its partner differ by one ULP in one coordinate and G changes sign between them."""
+    x = res.x.numpy()
+    gx, gp = _gaps(probe, np.stack([x, res.partner.numpy()]), res.t1, res.t2)
+    assert gx == res.gap
+    if gx == 0:
+        return
+    p = res.partner.numpy()
+    moved = np.flatnonzero(x.view(np.int32) != p.view(np.int32))
+    assert moved.tolist() == [res.partner_coord]
+    i = moved[0]
+    assert p[i] in (np.nextafter(x[i], np.float32(np.inf)), np.nextafter(x[i], np.float32(-np.inf)))
+    assert float(gx) * float(gp) < 0
+
+
+# --- tie points ---------------------------------------------------------------------------------
+
+
+def test_root_tie_is_a_float32_tie(probe, tie):
+    assert tie.method == "root" and tie.exact_tie
+    _assert_float_tie(probe, tie)
+    assert set(tie.top2_at_x) == {tie.t1, tie.t2}  # the tied pair is the top-2 there
+    assert tie.evals.rows > 0 and tie.evals.backward > 0
+    assert tie.distance > 0 and math.isclose(tie.distance, float((tie.x.double() - probe.x0.double()).norm()))
+
+
+def test_root_tie_converges_to_the_nearest_point_condition(probe, tie):
+    if tie.converged:
+        assert tie.alignment < -0.999  # x − x0 is antiparallel to ∇G at the tie (G decreases from x0)
+    else:
+        assert "not met" in tie.message
+
+
+def test_root_tie_on_the_bundled_model():
+    """The bundled model is confident (top-1/top-2 gap ≈ 5.9): the search must genuinely move x."""
+    h = ic.load_model("tiny-llama")
+    probe = ic.Probe(h, PROMPT, target="logits", batch_size=64)
+    res = dc.tie_point(probe)
+    assert res.exact_tie and res.converged and not res.pair_changed
+    assert res.tokens[res.t1] == " Paris"
+    assert res.lower_bound > 0.1 and 0.5 * res.lower_bound < res.distance < 2 * res.lower_bound
+    _assert_float_tie(probe, res)
+    near = dc.nearest_tokens(probe, res.x, k=2)
+    assert near.distance.iloc[0] == pytest.approx(res.distance)  # nearest real token: x0's own (" is")
+
+
+def test_pair_change_repick_and_stop(tmp_path):
+    """Find a fixed case where the argmax first moves to a third token; 'stop' raises, 'repick' records it."""
+    found = 0
+    for seed in range(12):
+        h = ic.load_model(random_model_dir(tmp_path / f"m{seed}", "llama", seed=seed))
+        for text in (PROMPT, "Hello world", "abc"):
+            probe = ic.Probe(h, text, target="logits", batch_size=8)
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    dc.tie_point(probe, pair_policy="stop")
+                continue
+            except dc.TieSearchError as e:
+                assert "top-2 pair changed" in str(e) and "repick" in str(e)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                res = dc.tie_point(probe, pair_policy="repick")
+            assert res.pair_changed and res.events and "re-picked" in res.events[0]
+            assert res.t2 != res.pair_start[1] and res.t1 == res.pair_start[0]
+            assert set(res.top2_at_x) == {res.t1, res.t2}
+            _assert_float_tie(probe, res)
+            found += 1
+            break
+        if found >= 2:
+            break
+    assert found >= 1, "no pair change in 36 fixed cases (2 of the first 18 change on torch 2.13)"
+
+
+def test_tie_search_that_cannot_converge_reports(probe):
+    with pytest.raises(dc.TieSearchError, match="no decision boundary"):
+        dc.tie_point(probe, max_scale=1e-6)
+    with pytest.raises(dc.TieSearchError, match="not converged"):
+        dc.tie_point(probe, method="adam_geometric", iterations=3)
+    res = dc.tie_point(probe, method="adam_geometric", iterations=3, strict=False)
+    assert not res.converged and not res.exact_tie and "not converged after 3 iterations" in res.message
+    res = dc.tie_point(probe, method="adam_direct", iterations=3, strict=False)
+    assert not res.converged and len(res.history) == 3
+
+
+def test_adam_keeps_the_best_iterate(probe):
+    res = dc.tie_point(probe, method="adam_geometric", iterations=20, strict=False)
+    hist = res.history
+    best = hist.objective.abs().idxmin()
+    assert res.distance == pytest.approx(hist.distance[best], rel=1e-6)
+
+
+def test_bad_tie_arguments(probe):
+    with pytest.raises(ValueError, match="unknown tie method"):
+        dc.tie_point(probe, method="newton")
+    with pytest.raises(ValueError, match="pair_policy"):
+        dc.tie_point(probe, pair_policy="ignore")
+
+
+# --- flip scans -----------------------------------------------------------------------------------
+
+
+def _brute_force_first_flips(probe, x, d, eps):
+    """One row per ε (padded into the same batch shape), inputs in numpy float32, first flips by loops."""
+    ref = int(probe.forward(torch.from_numpy(x)[None])[0].argmax())
+    tokens = []
+    for e in eps:
+        X = (x + (np.float32(e) * d).astype(np.float32)).astype(np.float32)
+        tokens.append(int(probe.forward(torch.from_numpy(X)[None])[0].argmax()))
+    pos = neg = np.nan
+    for e, t in zip(eps, tokens):
+        if e > 0 and t != ref:
+            pos = float(e)
+            break
+    for e, t in zip(eps[::-1], tokens[::-1]):
+        if e < 0 and t != ref:
+            neg = float(e)
+            break
+    return tokens, pos, neg
+
+
+def test_flip_scan_first_flips_match_brute_force(probe, tie):
+    x = tie.x.numpy()
+    D = RNG.standard_normal((2, probe.d))
+    D = (D / np.linalg.norm(D, axis=1, keepdims=True)).astype(np.float32)
+    g = dc.gap_gradient(probe, tie.x, tie.t1, tie.t2)
+    D[1] = (g / g.norm()).numpy()
+    eps = dc.eps_grid(3e-6, 1e-7)
+    scan = dc.flip_scan(probe, tie.x, torch.from_numpy(D), eps, names=["random", "gradient"])
+    table = scan.first_flips()
+    for k in range(2):
+        tokens, pos, neg = _brute_force_first_flips(probe, x, D[k], eps)
+        np.testing.assert_array_equal(scan.tokens[k], tokens)
+        np.testing.assert_equal(table["first flip ε > 0"][k], pos)
+        np.testing.assert_equal(table["first flip ε < 0"][k], neg)
+        flipped = np.flatnonzero(np.array(tokens) != scan.reference_token)
+        np.testing.assert_equal(table["seed's first flip (most negative ε)"][k], eps[flipped[0]] if flipped.size else np.nan)
+    assert scan.reference_token == int(probe.forward(tie.x[None])[0].argmax())
+    assert len(scan.table()) == 2 * len(eps)
+
+
+def test_eps_grid_is_the_seeds_with_an_exact_zero():
+    e = dc.eps_grid(1e-6, 1e-9)
+    assert len(e) == 2001 and e[1000] == 0 and e.dtype == np.float32
+    np.testing.assert_allclose(e, np.arange(-1e-6, 1e-6 + 1e-9, 1e-9).astype(np.float32), atol=1e-15)
+
+
+def test_flip_scan_rejects_zero_direction(probe):
+    with pytest.raises(ValueError, match="zero norm"):
+        dc.flip_scan(probe, probe.x0, torch.zeros(1, probe.d), dc.eps_grid(1e-6, 1e-7))
+
+
+# --- grids ----------------------------------------------------------------------------------------
+
+
+def _directions(probe, k=2):
+    D = RNG.standard_normal((k, probe.d))
+    return (D / np.linalg.norm(D, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _numpy_inputs(x, h1, h2, a, b, mode):
+    if mode == "fp32":
+        return np.stack([((x + ai * h1) + bj * h2).astype(np.float32) for ai in a for bj in b])
+    return np.stack([(x.astype(np.float64) + np.float64(ai) * h1.astype(np.float64) + np.float64(bj) * h2.astype(np.float64)
+                      ).astype(np.float32) for ai in a for bj in b])
+
+
+@pytest.mark.parametrize("mode", ["fp32", "fp64"])
+def test_grid_cells_equal_direct_evaluations(probe, tie, mode):
+    x = tie.x.numpy()
+    h1, h2 = _directions(probe)
+    a = dc.grid_axis(-3e-6, 3e-6, n=9)
+    b = dc.grid_axis(-2e-6, 4e-6, n=7)
+    grid = dc.gap_grid(probe, tie.x, torch.from_numpy(h1), torch.from_numpy(h2), a, b, pair=(tie.t1, tie.t2), mode=mode)
+    X = _numpy_inputs(x, h1, h2, a, b, mode)
+    assert grid.G.shape == (9, 7) and grid.G.dtype == np.float32
+    cells = RNG.choice(X.shape[0], size=12, replace=False)
+    for r in cells:
+        i, j = divmod(int(r), 7)
+        one = probe.forward(torch.from_numpy(X[r])[None])[0]  # the same cell alone, in the same batch shape
+        assert np.float32(one[tie.t1] - one[tie.t2]) == grid.G[i, j]
+        assert int(one.argmax()) == grid.top[i, j]
+    audit = ic.numerics.batch_invariance_audit(probe)
+    if audit.batch_invariant:  # rows are batch invariant here: batch-1 evaluations must agree too
+        for r in cells[:4]:
+            one = probe.f_batch(torch.from_numpy(X[r])[None])[0]
+            assert np.float32(one[tie.t1] - one[tie.t2]) == grid.G[divmod(int(r), 7)]
+    # otherwise only the same batch shape is bitwise comparable (checked above); the audit says so
+
+
+def test_grid_state_labels_are_the_distinct_inputs(probe, tie):
+    h1, h2 = _directions(probe)
+    # scales of a few ULPs of x's finest coordinate, so that many cells share an input
+    x = tie.x.numpy()
+    ulp = np.spacing(np.abs(x))
+    span = 3 * float(np.min(ulp / np.maximum(np.abs(h1), np.abs(h2))))
+    a = dc.grid_axis(-span, span, n=11)
+    b = dc.grid_axis(-span / 2, span, n=9)
+    grid = dc.gap_grid(probe, tie.x, torch.from_numpy(h1), torch.from_numpy(h2), a, b, pair=(tie.t1, tie.t2))
+    X = _numpy_inputs(tie.x.numpy(), h1, h2, a, b, "fp32")
+    _, oracle = np.unique(X.view(np.int32), axis=0, return_inverse=True)
+    kernel = grid.state.ravel()
+    pairs = set(zip(oracle.ravel().tolist(), kernel.tolist()))
+    assert len(pairs) == len(set(oracle.ravel().tolist())) == len(set(kernel.tolist())) == grid.n_states
+    assert kernel[0] == 0 and grid.n_states < X.shape[0]
+    summary = dc.lattice_summary(grid)
+    assert summary["sign flips with the same input"] == 0 and summary["G differs with the same input"] == 0
+
+
+def test_grid_linear_prediction(probe, tie):
+    h1, h2 = _directions(probe)
+    a = dc.grid_axis(-1e-3, 1e-3, n=5)
+    grid = dc.gap_grid(probe, tie.x, torch.from_numpy(h1), torch.from_numpy(h2), a, a, pair=(tie.t1, tie.t2),
+                       linear=True)
+    g = dc.gap_gradient(probe, tie.x, tie.t1, tie.t2).double().numpy()
+    X = _numpy_inputs(tie.x.numpy(), h1, h2, a, a, "fp32").astype(np.float64)
+    expect = grid.gap_center + (X - tie.x.numpy().astype(np.float64)) @ g
+    np.testing.assert_allclose(grid.G_lin.ravel(), expect, rtol=1e-12, atol=1e-15)
+
+
+def test_grid_is_chunked_and_spills_to_disk(probe, tie, tmp_path):
+    h1, h2 = (torch.from_numpy(v) for v in _directions(probe))
+    a = dc.grid_axis(-1e-6, 1e-6, n=23)
+    b = dc.grid_axis(-1e-6, 1e-6, n=19)
+    big = dc.gap_grid(probe, tie.x, h1, h2, a, b)
+    small = dc.gap_grid(probe, tie.x, h1, h2, a, b, memory_bytes=1)
+    assert big.chunks == 1 and small.chunk_rows == probe.batch_size
+    assert small.chunks == math.ceil(23 * 19 / probe.batch_size)
+    np.testing.assert_array_equal(big.G.view(np.int32), small.G.view(np.int32))
+    np.testing.assert_array_equal(big.state, small.state)
+    with pytest.raises(MemoryError, match="out_dir"):
+        dc.gap_grid(probe, tie.x, h1, h2, a, b, max_result_bytes=1000)
+    disk = dc.gap_grid(probe, tie.x, h1, h2, a, b, max_result_bytes=1000, memory_bytes=1, out_dir=tmp_path)
+    assert isinstance(disk.G, np.memmap) and (tmp_path / "G.npy").is_file() and not (tmp_path / "hash.npy").exists()
+    np.testing.assert_array_equal(np.load(tmp_path / "G.npy").view(np.int32), big.G.view(np.int32))
+    np.testing.assert_array_equal(np.asarray(disk.state), big.state)
+
+
+def test_grid_rejects_bad_input(probe, tie):
+    h1 = torch.from_numpy(_directions(probe, 1)[0])
+    a = dc.grid_axis(-1e-6, 1e-6, n=3)
+    with pytest.raises(ValueError, match="h2 has zero norm"):
+        dc.gap_grid(probe, tie.x, h1, torch.zeros(probe.d), a, a)
+    with pytest.raises(ValueError, match="non-finite"):
+        dc.gap_grid(probe, tie.x, h1, torch.full((probe.d,), float("nan")), a, a)
+    with pytest.raises(ValueError, match="entries"):
+        dc.gap_grid(probe, tie.x, h1, torch.ones(3), a, a)
+    with pytest.raises(ValueError, match="token pair"):
+        dc.gap_grid(probe, tie.x, h1, h1, a, a, pair=(1, 1))
+    with pytest.raises(ValueError, match="grid mode"):
+        dc.gap_grid(probe, tie.x, h1, h1, a, a, mode="fp16")
+    with pytest.raises(ValueError, match="e_min < e_max"):
+        dc.grid_axis(1.0, -1.0, n=3)
+
+
+def test_grid_axis_matches_the_seed():
+    a = dc.grid_axis(-1e-8, 1e-8, step=1e-10)
+    assert len(a) == 201 and a.dtype == np.float32 and a[100] == 0
+    np.testing.assert_array_equal(a, np.linspace(-1e-8, 1e-8, 201).astype(np.float32))
+
+
+def test_crop_is_the_nearest_index_window():
+    G = RNG.standard_normal((30, 20)).astype(np.float32)
+    a = np.linspace(-1, 1, 30).astype(np.float32)
+    b = np.linspace(-2, 2, 20).astype(np.float32)
+    grid = dc.GapGrid(a=a, b=b, G=G, top=np.zeros_like(G, dtype=np.int32), state=np.arange(600).reshape(30, 20),
+                      n_states=600, x=np.zeros(3, np.float32), h1=np.ones(3, np.float32), h2=np.ones(3, np.float32),
+                      pair=(0, 1), mode="fp32", batch_size=1, rows=0, chunks=0, chunk_rows=0, seconds=0.0)
+    sub = dc.crop(grid, (-0.5, 0.5), (1.3, -0.1))
+    i0 = min(range(30), key=lambda i: abs(a[i] + 0.5))
+    i1 = min(range(30), key=lambda i: abs(a[i] - 0.5))
+    j0 = min(range(20), key=lambda j: abs(b[j] + 0.1))
+    j1 = min(range(20), key=lambda j: abs(b[j] - 1.3))
+    np.testing.assert_array_equal(sub.G, G[i0:i1 + 1, j0:j1 + 1])
+    np.testing.assert_array_equal(sub.a, a[i0:i1 + 1])
+    assert sub.n_states == sub.G.size
+
+
+# --- statistics against loops ---------------------------------------------------------------------
+
+
+def _random_grid(rows, cols, smooth):
+    """A random gap map; ``smooth`` adds spatial structure, some exact zeros included."""
+    G = RNG.standard_normal((rows, cols))
+    if smooth:
+        G = G + np.linspace(-3, 3, cols)[None, :] + np.linspace(-2, 2, rows)[:, None]
+    G[RNG.random((rows, cols)) < 0.05] = 0.0
+    return G.astype(np.float32)
+
+
+def _loop_stats(G):
+    rows, cols = G.shape
+    B = [[1 if G[i, j] >= 0 else 0 for j in range(cols)] for i in range(rows)]
+    flips = pairs = 0
+    for i in range(rows):
+        for j in range(cols):
+            for di, dj in ((1, 0), (0, 1)):
+                if i + di < rows and j + dj < cols:
+                    pairs += 1
+                    flips += B[i][j] != B[i + di][j + dj]
+
+    def components(cls):
+        seen, count, sizes = set(), 0, []
+        for i in range(rows):
+            for j in range(cols):
+                if B[i][j] == cls and (i, j) not in seen:
+                    count += 1
+                    queue, size = deque([(i, j)]), 0
+                    seen.add((i, j))
+                    while queue:
+                        a, b = queue.popleft()
+                        size += 1
+                        for da, db in ((1, 0), (-1, 0), (0, 1), (0, -1)):
+                            na, nb = a + da, b + db
+                            if 0 <= na < rows and 0 <= nb < cols and B[na][nb] == cls and (na, nb) not in seen:
+                                seen.add((na, nb))
+                                queue.append((na, nb))
+                    sizes.append(size)
+        return count, max(sizes) if sizes else 0
+
+    n = rows * cols
+    mean = sum(map(sum, B)) / n
+    z = [[B[i][j] - mean for j in range(cols)] for i in range(rows)]
+    num = wsum = 0.0
+    for i in range(rows):
+        for j in range(cols):
+            for di, dj in ((1, 0), (-1, 0), (0, 1), (0, -1)):
+                if 0 <= i + di < rows and 0 <= j + dj < cols:
+                    num += z[i][j] * z[i + di][j + dj]
+                    wsum += 1
+    den = sum(v * v for row in z for v in row)
+    moran = n / wsum * num / den if den else float("nan")
+    ents = []
+    for i in range(2, rows - 2):
+        for j in range(2, cols - 2):
+            p = sum(B[a][b] for a in range(i - 2, i + 3) for b in range(j - 2, j + 3)) / 25
+            ents.append(0.0 if p in (0, 1) else -p * math.log2(p) - (1 - p) * math.log2(1 - p))
+    grads = []
+    G64 = G.astype(np.float64)
+    for i in range(rows):
+        for j in range(cols):
+            F = G64
+            gi = (F[i + 1, j] - F[i - 1, j]) / 2 if 0 < i < rows - 1 else (F[1, j] - F[0, j] if i == 0 else F[i, j] - F[i - 1, j])
+            gj = (F[i, j + 1] - F[i, j - 1]) / 2 if 0 < j < cols - 1 else (F[i, 1] - F[i, 0] if j == 0 else F[i, j] - F[i, j - 1])
+            grads.append(math.hypot(float(gi), float(gj)))
+    sign = lambda v: (float(v) > 0) - (float(v) < 0)
+    crossings = sum(sign(G[i, j]) != sign(G[i, j + 1]) for i in range(rows) for j in range(cols - 1))
+    crossings += sum(sign(G[i, j]) != sign(G[i + 1, j]) for i in range(rows - 1) for j in range(cols))
+    npos = sum(map(sum, B))
+    chi2 = 2 * (npos - n / 2) ** 2 / (n / 2)
+    return {
+        "flip_ratio": flips / pairs, "regions_pos": components(1)[0], "regions_neg": components(0)[0],
+        "largest_region_pos": components(1)[1], "largest_region_neg": components(0)[1], "morans_i": moran,
+        "mean_local_entropy": sum(ents) / len(ents), "gradient_mean": sum(grads) / len(grads),
+        "gradient_max": max(grads), "zero_crossings": crossings, "crossing_density": crossings / (rows + cols),
+        "chi2": chi2, "chi2_p": math.erfc(math.sqrt(chi2 / 2)), "G ≥ 0 cells": npos,
+    }
+
+
+@pytest.mark.parametrize("shape,smooth", [((13, 17), False), ((24, 9), True), ((6, 7), True)])
+def test_statistics_match_loops(shape, smooth):
+    G = _random_grid(*shape, smooth)
+    got = dc.grid_statistics(G)
+    want = _loop_stats(G)
+    for k, v in want.items():
+        if isinstance(v, float) and math.isnan(v):
+            assert math.isnan(got[k]), k
+        else:
+            assert got[k] == pytest.approx(v, rel=1e-9, abs=1e-12), k
+    assert got["regions_total"] == want["regions_pos"] + want["regions_neg"]
+    checks = [got["flip_ratio"] > 0.3, got["regions_total"] > 10, abs(got["morans_i"]) < 0.3,
+              got["entropy_ratio"] > 0.7, got["crossing_density"] > 5, got["chi2_p"] > 0.05]
+    assert got["randomness_score"] == sum(checks) == len(got["randomness_indicators"])
+
+
+def test_morans_i_equals_the_seeds_dense_formula():
+    B = (RNG.random((7, 6)) < 0.4).astype(float)
+    flat = B.ravel()
+    n = flat.size
+    W = np.zeros((n, n))
+    for i in range(7):
+        for j in range(6):
+            for di, dj in ((1, 0), (-1, 0), (0, 1), (0, -1)):
+                if 0 <= i + di < 7 and 0 <= j + dj < 6:
+                    W[i * 6 + j, (i + di) * 6 + j + dj] = 1
+    z = flat - flat.mean()
+    dense = n * np.sum(W * np.outer(z, z)) / (W.sum() * np.sum(z ** 2))
+    assert dc.morans_i(B) == pytest.approx(dense, rel=1e-12)
+    assert (dc.four_neighbour_weights((7, 6)).toarray() == W).all()
+    assert math.isnan(dc.morans_i(np.ones((4, 4))))
+
+
+@pytest.mark.parametrize("pixels", [0, 1, 3])
+def test_dilation_matches_a_loop(pixels):
+    mask = RNG.random((15, 12)) < 0.08
+    want = mask.copy()
+    for _ in range(pixels):
+        old = want.copy()
+        for i in range(15):
+            for j in range(12):
+                want[i, j] = old[max(0, i - 1):i + 2, max(0, j - 1):j + 2].any()
+    np.testing.assert_array_equal(dc.dilate(mask, pixels), want)
+    G = np.where(mask, -1.0, 1.0)
+    grown, cls = dc.dilate_class(G, pixels, "minority")
+    assert cls == "G < 0"
+    np.testing.assert_array_equal(grown, (~want).astype(np.uint8))
+    grown, cls = dc.dilate_class(-G, pixels, "positive")
+    np.testing.assert_array_equal(grown, want.astype(np.uint8))
+
+
+def test_input_edges_and_sign():
+    S = np.array([[0, 0, 1], [0, 2, 1], [3, 3, 3]])
+    e = dc.input_edges(S)
+    np.testing.assert_array_equal(np.isfinite(e), [[False, True, False], [True, True, True], [False, False, False]])
+    assert dc.sign_crossings(np.array([[1.0, 0.0, -1.0], [1.0, 1.0, 1.0]])) == (2, 2)
