@@ -1146,3 +1146,51 @@ def input_edges(state: np.ndarray) -> np.ndarray:
     e[:-1, :] |= S[1:, :] != S[:-1, :]
     e[:, :-1] |= S[:, 1:] != S[:, :-1]
     return np.where(e, 1.0, np.nan)
+
+
+@dataclass
+class TieSetup:
+    """A tie point with its top-2 pair and the singular directions at it, ready for grids and scans."""
+
+    probe: Probe  # target "logits", in the requested batch shape
+    x: torch.Tensor  # x* [d]
+    t1: int
+    t2: int
+    D: torch.Tensor  # [k, d] float32 right singular vectors of ∂(final hidden)/∂x at x*
+    S: np.ndarray  # [k] singular values
+    gap: float  # the gap where the tie was found
+    upstream: list  # [LoadedRun] of exp06, or [] when found here
+    source: str  # one line saying where it came from
+
+
+def load_tie(handle: Any, exp06_run: str, batch_size: int, text: str = "", position: int = -1) -> TieSetup:
+    """The tie point of an exp06 run (a folder or "latest"), checked against ``handle``; or, with
+    ``exp06_run=""``, found here for ``text``/``position`` (with the spectrum at x*).
+
+    Checks: the run's model weights and dtype, that its x0 is this prompt's x0 bit for bit, and that
+    its spectrum was taken at its tie point. Raises with a one-line message otherwise.
+    """
+    from . import jacobian, results
+
+    if not exp06_run:
+        probe = Probe(handle, text, position=position, target="logits", batch_size=batch_size)
+        found = tie_point(probe)
+        sp = jacobian.spectrum(Probe(handle, text, position=position, target="final_hidden", batch_size=batch_size),
+                               found.x)
+        return TieSetup(probe, found.x, found.t1, found.t2, sp.directions, sp.S, found.gap, [],
+                        f"tie point found here: {found.message}")
+    up = results.load_run(exp06_run, "exp06", model=handle)
+    p6 = up.parameters
+    dtype = str(handle.dtype).removeprefix("torch.")
+    if p6["dtype"] != dtype:
+        raise ValueError(f"{up.path} was computed in {p6['dtype']}; pass -p dtype {p6['dtype']}")
+    probe = Probe(handle, p6["text"], position=p6["position"], target="logits", batch_size=batch_size)
+    tie, spec = up.arrays("tie"), up.arrays("spectrum")
+    if not np.array_equal(tie["x0"].view(np.int32), probe.x0.cpu().numpy().view(np.int32)):
+        raise ValueError(f"x0 differs from the one exp06 used ({up.path}): same model, prompt and position needed")
+    if not np.array_equal(spec["x"].view(np.int32), tie["x"].view(np.int32)):
+        raise ValueError(f"{up.path}: the spectrum was not taken at the saved tie point")
+    t1, t2 = (int(v) for v in tie["pair"])
+    return TieSetup(probe, torch.from_numpy(tie["x"]), t1, t2, torch.from_numpy(spec["D"]), spec["S"],
+                    float(tie["gap"]), [up],
+                    f"reading exp06: {up.path} (batch size {p6['batch_size']}, method {p6['method']})")

@@ -459,3 +459,26 @@ def test_input_edges_and_sign():
     e = dc.input_edges(S)
     np.testing.assert_array_equal(np.isfinite(e), [[False, True, False], [True, True, True], [False, False, False]])
     assert dc.sign_crossings(np.array([[1.0, 0.0, -1.0], [1.0, 1.0, 1.0]])) == (2, 2)
+
+
+def test_load_tie_reads_an_exp06_run_and_checks_it(tmp_path):
+    """load_tie returns what an exp06 run saved, and refuses a run whose x0 is not this prompt's."""
+    from instab_core.results import start_run
+
+    h = ic.load_model(random_model_dir(tmp_path / "m", "llama"))
+    probe = ic.Probe(h, "The capital of France is", target="logits", batch_size=4)
+    x = probe.x0 + 1e-3
+    D = torch.eye(probe.d)[:3]
+    params = dict(text=probe.text, position=probe.position, dtype="float32", batch_size=4, method="root")
+    run = start_run("exp06", params, model=h, root=tmp_path / "r")
+    run.save_arrays("tie", x0=probe.x0, x=x, pair=np.array([5, 7]), gap=np.float32(0.0))
+    run.save_arrays("spectrum", x=x, D=D, S=np.array([3.0, 2.0, 1.0]))
+    path = run.finish()
+    tie = dc.load_tie(h, str(path), batch_size=4)
+    assert (tie.t1, tie.t2) == (5, 7) and torch.equal(tie.x, x) and torch.equal(tie.D, D)
+    assert tie.upstream[0].path == path and tie.probe.batch_size == 4
+    bad = start_run("exp06", {**params, "note": "x0 from elsewhere"}, model=h, root=tmp_path / "r")
+    bad.save_arrays("tie", x0=probe.x0 + 1.0, x=x, pair=np.array([5, 7]), gap=np.float32(0.0))
+    bad.save_arrays("spectrum", x=x, D=D, S=np.array([3.0, 2.0, 1.0]))
+    with pytest.raises(ValueError, match="x0 differs"):
+        dc.load_tie(h, str(bad.finish()), batch_size=4)
