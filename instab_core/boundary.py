@@ -368,3 +368,25 @@ def statistics(values: dict[str, np.ndarray], index: np.ndarray, index_name: str
                      "std": np.nanstd(w), "min": np.nanmin(w), "max": np.nanmax(w),
                      f"{index_name} at min": index[int(np.nanargmin(w))], f"{index_name} at max": index[int(np.nanargmax(w))]})
     return pd.DataFrame(rows).set_index("quantity")
+
+
+def crossing_distances(probe: Probe, D: torch.Tensor, s_out: np.ndarray, s_below: np.ndarray, mode: fp.Mode,
+                       threshold: float, sigma_1: float, precision: str = "float64") -> pd.DataFrame:
+    """:func:`verify_crossing` plus the linear picture of each jump.
+
+    Adds ``linear_response`` = ‖J·Δx‖ for the realised input change Δx = X(s_out) − x0 (one
+    Jacobian–vector product per ray), ``linear_bound`` = σ1·‖Δx‖, and ``jump_over_linear`` =
+    ‖Δh‖ / ‖J·Δx‖: far above 1, the jump is forward-pass rounding rather than sensitivity.
+    """
+    from .jacobian import jvp_rows
+
+    D = torch.as_tensor(D, dtype=torch.float32, device=probe.x0.device)
+    table = verify_crossing(probe, D, s_out, s_below, mode, threshold, precision)
+    found = np.isfinite(s_out)
+    x0 = probe.x0.float()
+    s = torch.from_numpy(np.where(found, s_out, 0).astype(np.float32)).to(D.device)[:, None]
+    linear = jvp_rows(probe, fp.perturb(x0, s, D, mode) - x0).double().norm(dim=1).cpu().numpy()
+    table["linear_response"] = np.where(found, linear, np.nan)
+    table["linear_bound"] = sigma_1 * table["emb_l2"]
+    table["jump_over_linear"] = table["hid_l2"] / table["linear_response"]
+    return table

@@ -240,3 +240,18 @@ def test_low_precision_models_are_refused(tmp_path):
     h = ic.load_model(random_model_dir(tmp_path, "llama"), dtype="bfloat16")
     with pytest.raises(ValueError, match="float32 or float64"):
         boundary.first_output_change(ic.Probe(h, PROMPT, batch_size=2), torch.ones(1, h.d_model), 1e-6)
+
+
+def test_crossing_distances_verify_and_match_a_dense_jacobian(handle):
+    """Each found boundary re-verifies, and linear_response equals ‖J Δx‖ with the dense J."""
+    probe = ic.Probe(handle, PROMPT, batch_size=8)
+    D = torch.from_numpy(_directions(probe, 4, SESSION_SEED + 6))
+    res = boundary.first_output_change(probe, D, 1e-6, progress=False)
+    table = boundary.crossing_distances(probe, D, res.s_out, res.s_below, "fp32", 0.0, sigma_1=1.0)
+    found = np.isfinite(res.s_out)
+    assert (table.unchanged_below[found] & table.changed_at[found]).all()
+    J = ic.jacobian.jacobian(probe).double()
+    for r in np.flatnonzero(found):
+        dx = fp.perturb(probe.x0, torch.tensor(res.s_out[r]), D[r], "fp32").double() - probe.x0.double()
+        assert table.linear_response[r] == pytest.approx(float((J @ dx).norm()), rel=1e-4)
+        assert table.emb_l2[r] == pytest.approx(float(dx.norm()), rel=1e-12)
