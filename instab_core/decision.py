@@ -105,19 +105,6 @@ def to_numpy(t: torch.Tensor) -> np.ndarray:
     return (t.float() if t.dtype == torch.bfloat16 else t).numpy()
 
 
-def _int_view(dtype: torch.dtype) -> torch.dtype:
-    return fp._INT_VIEW[dtype]
-
-
-def _bits(t: torch.Tensor) -> int:
-    """Bit pattern of one non-negative float (any float dtype) as a Python int; monotone in t."""
-    return int(t.reshape(1).view(_int_view(t.dtype)).to(torch.int64)[0])
-
-
-def _from_bits(bits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return bits.to(_int_view(dtype)).view(dtype)
-
-
 def line_point(x0: torch.Tensor, t: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """x0 + t·u with the product and the sum each rounded in x0's dtype (fp.perturb's "fp32" mode).
 
@@ -305,12 +292,12 @@ def _first_change(probe: Probe, x0: torch.Tensor, u: torch.Tensor, t1: int, t_hi
     t_first = float(hi)
     # Narrow: invariant argmax(lo) == t1, argmax(hi) == winner != t1.
     while True:
-        blo, bhi = _bits(lo), _bits(hi)
+        blo, bhi = int(fp.bit_pattern(lo.reshape(1))[0]), int(fp.bit_pattern(hi.reshape(1))[0])
         gap = bhi - blo
         if gap <= 1:
             return lo, hi, winner, t_first
         if gap - 1 <= points:
-            cand = _from_bits(torch.arange(blo + 1, bhi, device=dev, dtype=torch.int64), dt)
+            cand = fp.from_bit_pattern(torch.arange(blo + 1, bhi, device=dev, dtype=torch.int64), dt)
         else:
             frac = torch.arange(1, points + 1, dtype=torch.float64, device=dev) / (points + 1)
             cand = (lo.double() + (hi.double() - lo.double()) * frac).to(dt)
@@ -318,7 +305,7 @@ def _first_change(probe: Probe, x0: torch.Tensor, u: torch.Tensor, t1: int, t_hi
             cand = cand[(cand > lo) & (cand < hi)]
             if cand.numel() == 0:  # value-linear samples collapsed: step in bits instead
                 mid = blo + gap // 2
-                cand = _from_bits(torch.tensor([mid], device=dev), dt)
+                cand = fp.from_bit_pattern(torch.tensor([mid], device=dev), dt)
         tops = _eval_logits(probe, line_point(x0, cand, u), ev).argmax(dim=1)
         moved = torch.nonzero(tops != t1).flatten()
         if moved.numel():
@@ -693,7 +680,7 @@ def _check_directions(D: torch.Tensor, d: int, what: str = "direction") -> torch
 
 def _row_hash(X: torch.Tensor, salt: torch.Tensor) -> torch.Tensor:
     """Two 64-bit hashes per row of the exact bits of X [n, d] (signed zeros distinct): [n, 2] int64."""
-    bits = X.contiguous().view(_int_view(X.dtype)).to(torch.int64)
+    bits = fp.bit_pattern(X)
     return torch.stack([(bits * salt[0]).sum(dim=1), (bits * salt[1]).sum(dim=1)], dim=1)
 
 

@@ -105,9 +105,19 @@ def perturb(x0: torch.Tensor, s: torch.Tensor, d: torch.Tensor, mode: Mode) -> t
     raise ValueError(f"unknown perturbation mode {mode!r}; use one of {MODES}")
 
 
+def bit_pattern(t: torch.Tensor) -> torch.Tensor:
+    """Bit patterns of a float tensor of any dtype, as int64; monotone in t where t >= 0."""
+    return t.contiguous().view(_INT_VIEW[t.dtype]).to(torch.int64)
+
+
+def from_bit_pattern(bits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Floats of ``dtype`` from their bit patterns (held in int64)."""
+    return bits.to(_INT_VIEW[dtype]).view(dtype)
+
+
 def float32_from_bits(bits: torch.Tensor) -> torch.Tensor:
     """Positive float32 values from their int32 bit patterns (held in int64)."""
-    return bits.to(torch.int32).view(torch.float32)
+    return from_bit_pattern(bits, torch.float32)
 
 
 def float32_bits(s: torch.Tensor) -> torch.Tensor:
@@ -115,7 +125,7 @@ def float32_bits(s: torch.Tensor) -> torch.Tensor:
     s = torch.as_tensor(s, dtype=torch.float32)
     if (s < 0).any() or torch.isnan(s).any():
         raise ValueError("scales must be non-negative and not NaN")
-    return s.contiguous().view(torch.int32).to(torch.int64)
+    return bit_pattern(s)
 
 
 def next_breakpoints(

@@ -19,10 +19,7 @@ import pandas as pd
 import torch
 
 from .models import ModelHandle
-
-
-class _Stop(Exception):
-    pass
+from .probe import run_until
 
 
 def inject(E: torch.Tensor, c: float) -> torch.Tensor:
@@ -35,21 +32,8 @@ def inject(E: torch.Tensor, c: float) -> torch.Tensor:
 
 def final_hidden_batch(handle: ModelHandle, emb: torch.Tensor) -> torch.Tensor:
     """Final hidden states (after the final norm, once) for inputs_embeds ``emb`` [n, L, d] → [n, L, d]."""
-    captured: dict[str, torch.Tensor] = {}
-
-    def grab(m, i, o):
-        captured["h"] = o
-        raise _Stop
-
-    hook = handle.final_norm.register_forward_hook(grab)
-    try:
-        with torch.no_grad():
-            handle.base(inputs_embeds=emb, use_cache=False)
-    except _Stop:
-        pass
-    finally:
-        hook.remove()
-    return captured["h"]
+    with torch.no_grad():
+        return run_until(handle, emb, handle.final_norm)
 
 
 @dataclass

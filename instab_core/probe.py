@@ -27,6 +27,32 @@ class _Stop(Exception):
     """Raised by a capture hook once the target is computed, to skip the rest of the network."""
 
 
+def run_until(handle: ModelHandle, emb: torch.Tensor, module: torch.nn.Module, take: str = "output") -> torch.Tensor:
+    """Run the base model on inputs_embeds ``emb`` [n, L, d] only as far as ``module``; return its
+    output (``take="output"``, the first element of a tuple) or its first input (``take="input"``)."""
+    captured: dict[str, torch.Tensor] = {}
+
+    def grab(tensor: torch.Tensor) -> None:
+        captured["out"] = tensor
+        raise _Stop
+
+    if take == "output":
+        hook = module.register_forward_hook(lambda m, i, o: grab(o[0] if isinstance(o, tuple) else o))
+    elif take == "input":
+        hook = module.register_forward_pre_hook(lambda m, i: grab(i[0]))
+    else:
+        raise ValueError(f"take must be 'output' or 'input', got {take!r}")
+    try:
+        handle.base(inputs_embeds=emb, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        hook.remove()
+    if "out" not in captured:
+        raise RuntimeError(f"{type(module).__name__} was not called in the forward pass")
+    return captured["out"]
+
+
 @dataclass(frozen=True)
 class Target:
     kind: str  # final_hidden | pre_norm | layer_out | logits
@@ -112,30 +138,14 @@ class Probe:
 
     def f_batch(self, X: torch.Tensor) -> torch.Tensor:
         """Differentiable f for X [n, d] in one forward of exactly n rows; returns [n, m]."""
-        emb = self.embeds(X)
-        p = self.position
-        captured: dict[str, torch.Tensor] = {}
-        h = self.handle
-        tgt = self.target
-
-        def grab(tensor: torch.Tensor) -> None:
-            captured["out"] = tensor[:, p, :]
-            raise _Stop
-
+        h, tgt = self.handle, self.target
         if tgt.kind in ("final_hidden", "logits"):
-            hook = h.final_norm.register_forward_hook(lambda m, i, o: grab(o))
+            full = run_until(h, self.embeds(X), h.final_norm)
         elif tgt.kind == "pre_norm":
-            hook = h.final_norm.register_forward_pre_hook(lambda m, i: grab(i[0]))
+            full = run_until(h, self.embeds(X), h.final_norm, take="input")
         else:
-            hook = h.layers[tgt.layer].register_forward_hook(
-                lambda m, i, o: grab(o[0] if isinstance(o, tuple) else o))
-        try:
-            h.base(inputs_embeds=emb, use_cache=False)
-        except _Stop:
-            pass
-        finally:
-            hook.remove()
-        out = captured["out"]
+            full = run_until(h, self.embeds(X), h.layers[tgt.layer])
+        out = full[:, self.position, :]
         if tgt.kind == "logits":
             out = h.unembed(out)
         return out
