@@ -80,6 +80,15 @@ def cmd_book(args: argparse.Namespace) -> int:
     return book.build_book(root, run=not args.no_run, parameters_for=parameters_for, results_root=args.results)
 
 
+def cmd_analyze_logits(args: argparse.Namespace) -> int:
+    from . import linearity
+    cfg = linearity.load_config(args.config)
+    path, rep = linearity.run_config(cfg, output_dir=args.output_dir)
+    print(f"linearity radius: {rep['linearity_radius']} (scope {rep['param_scope']}, "
+          f"{rep['num_scoped_parameters']} parameters); report: {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="instab", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -97,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     bk.add_argument("--smoke", action="store_true", help="run every notebook with its smoke-test parameters")
     bk.add_argument("--results", default=None, help="results root (default: results/ in the checkout)")
     bk.set_defaults(func=cmd_book)
+    al = sub.add_parser("analyze-logits", help="logit-linearity radius in parameter space from a YAML config")
+    al.add_argument("config", help="YAML config (see examples/analyze_logits.yaml)")
+    al.add_argument("--output-dir", default=None, help="override the config's output_dir")
+    al.set_defaults(func=cmd_analyze_logits)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
