@@ -173,8 +173,8 @@ def learn_directions(div_all: DivFn, w0: torch.Tensor, n_directions: int = 5, st
         opt_low.step()
         if not (torch.isfinite(l_high) and torch.isfinite(l_low)):
             raise FloatingPointError(f"learn_directions: a loss became non-finite at step {step} "
-                                     f"(L_high={float(l_high)}, L_low={float(l_low)}); lower the learning rates")
-        rows.append({"step": step, "L_high": float(l_high), "L_low": float(l_low)})
+                                     f"(L_high={float(l_high.detach())}, L_low={float(l_low.detach())}); lower the learning rates")
+        rows.append({"step": step, "L_high": float(l_high.detach()), "L_low": float(l_low.detach())})
     with torch.no_grad():
         U = unit_rows(V)
         C = curvature_matrix(div_all, w0, U, chunk)
