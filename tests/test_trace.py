@@ -1,0 +1,224 @@
+"""Generation traces and their comparison, against HF forwards, brute-force scans and planted differences.
+
+Fresh random models (session seed) for every oracle; the planted-difference tests edit a real trace's
+arrays at a random step and stage and check that compare/localise find exactly that place.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import instab_core as ic
+from instab_core import trace as tr
+from randmodels import SESSION_SEED, random_model_dir
+
+PROMPT = "The capital of France is"
+RNG = np.random.default_rng(SESSION_SEED)
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def handle(request, tmp_path_factory):
+    return ic.load_model(random_model_dir(tmp_path_factory.mktemp(request.param), request.param))
+
+
+@pytest.fixture(scope="module")
+def base_trace(handle, tmp_path_factory):
+    return tr.capture(handle, PROMPT, tmp_path_factory.mktemp("t") / "a", steps=12, stages="all",
+                      stop_at_eos=False, chunk=5, progress=False)
+
+
+def _planted_copy(src: tr.Trace, dst, edit) -> tr.Trace:
+    """A copy of a trace folder whose concatenated arrays are edited by ``edit`` and rewritten as one chunk."""
+    shutil.copytree(src.path, dst)
+    arrays = {k: v.copy() for k, v in src.arrays.items()}
+    edit(arrays)
+    for f in (dst / "steps").glob("*.npz"):
+        f.unlink()
+    np.savez(dst / "steps" / "000000.npz", **arrays)
+    return tr.Trace(dst)
+
+
+def test_capture_matches_hf_hidden_states_at_every_step(handle, base_trace):
+    """Stage outputs are the states that produced each token: HF's hidden states of the same prefix."""
+    ids = torch.tensor(base_trace.prompt_ids + base_trace.tokens.tolist())
+    L = len(base_trace.prompt_ids)
+    with torch.no_grad():
+        out = handle.model(input_ids=ids[None], output_hidden_states=True, use_cache=False)
+    hs = out.hidden_states
+    for t in range(base_trace.n_steps):
+        pos = L + t - 1
+        assert int(out.logits[0, pos].argmax()) == int(base_trace.tokens[t])
+        for i in range(handle.n_layers - 1):  # HF's last entry is after the final norm
+            torch.testing.assert_close(base_trace.stage(f"layer_out[{i}]")[t], hs[i + 1][0, pos], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(base_trace.stage("final_norm")[t], hs[-1][0, pos], rtol=1e-5, atol=1e-5)
+        # the token-embedding row of the token fed at that position (GPT-2's hs[0] adds positions)
+        torch.testing.assert_close(base_trace.stage("embedding")[t], handle.embedding.weight[ids[pos]], rtol=0, atol=0)
+        top = torch.topk(out.logits[0, pos], 10)
+        np.testing.assert_array_equal(base_trace.arrays["topk_ids"][t][:3], top.indices[:3].numpy())
+
+
+def test_kv_cache_and_full_recompute_agree_up_to_rounding(handle, base_trace, tmp_path):
+    """Without the cache: the same tokens unless the cached run's top two were within rounding of a tie,
+    and states equal to float32 rounding (not necessarily bitwise)."""
+    full = tr.capture(handle, PROMPT, tmp_path / "b", steps=12, stages="all", use_cache=False, stop_at_eos=False,
+                      progress=False)
+    comp = tr.compare(base_trace, full)
+    if comp.divergence is not None:
+        gap = np.diff(base_trace.arrays["topk_logits"][comp.divergence][:2])[0]
+        assert abs(gap) < 1e-4 * np.abs(base_trace.arrays["topk_logits"][comp.divergence][0]) + 1e-6
+    for stage in comp.stages:
+        a = base_trace.stage(stage)[:comp.last_step + 1]
+        b = full.stage(stage)[:comp.last_step + 1]
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    emb = tr.embedding_identity(comp)
+    assert emb["bitwise_equal_rows"] == emb["steps"]
+
+
+def test_divergence_and_first_stage_found_where_planted(handle, base_trace, tmp_path):
+    step = int(RNG.integers(1, base_trace.n_steps))
+    stages = base_trace.stages
+    k = int(RNG.integers(1, len(stages)))
+    planted = stages[k]
+
+    def edit(arr):
+        arr["token"][step:] = (arr["token"][step:] + 1) % handle.model.config.vocab_size
+        for name in stages[k:]:  # the change propagates downstream of the planted stage
+            col = int(RNG.integers(arr[f"stage:{name}"].shape[1]))
+            x = arr[f"stage:{name}"]
+            x[step, col] = np.nextafter(x[step, col], np.float32(np.inf))
+
+    b = _planted_copy(base_trace, tmp_path / "planted", edit)
+    comp = tr.compare(base_trace, b)
+    # brute force: first differing token id, then the first stage (network order) with any differing bit
+    brute_div = next(t for t in range(base_trace.n_steps) if base_trace.tokens[t] != b.tokens[t])
+    brute_stage = next(s for s in stages
+                       if not np.array_equal(base_trace.arrays[f"stage:{s}"][brute_div].view(np.int32),
+                                             b.arrays[f"stage:{s}"][brute_div].view(np.int32)))
+    assert comp.divergence == brute_div == step
+    loc = tr.localise(comp, handle)
+    assert loc.step == step and loc.first_difference == brute_stage == planted
+    assert (comp.at(step - 1).changed == 0).all()
+    one_ulp = comp.at(step).loc[planted]
+    assert one_ulp.changed == 1 and one_ulp["ulp=1"] == 1
+
+
+def test_logits_are_matched_by_token_id_when_ranks_swap(base_trace, tmp_path):
+    step = int(RNG.integers(base_trace.n_steps))
+
+    def swap(arr):
+        for key in ("topk_ids", "topk_logits", "topk_probs"):
+            arr[key][step, [0, 1]] = arr[key][step, [1, 0]]
+
+    b = _planted_copy(base_trace, tmp_path / "swapped", swap)
+    table = tr.compare(base_trace, b).logits_by_id(step, k=3)
+    first, second = (int(i) for i in base_trace.arrays["topk_ids"][step][:2])
+    assert table.loc[first, "rank_a"] == 1 and table.loc[first, "rank_b"] == 2
+    assert table.loc[second, "rank_a"] == 2 and table.loc[second, "rank_b"] == 1
+    assert (table["logit_b − logit_a"].dropna() == 0).all()
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_interrupted_capture_resumes_to_the_same_bits(handle, tmp_path, use_cache):
+    kwargs = dict(steps=11, stages="residual", use_cache=use_cache, stop_at_eos=False, chunk=3, progress=False)
+    whole = tr.capture(handle, PROMPT, tmp_path / "whole", **kwargs)
+    stop_after = int(RNG.integers(4, 10))
+    calls = {"n": 0}
+
+    def crash(module, args):
+        calls["n"] += 1
+        if calls["n"] > stop_after:
+            raise KeyboardInterrupt("simulated interruption")
+
+    hd = handle.model.register_forward_pre_hook(crash)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            tr.capture(handle, PROMPT, tmp_path / "cut", **kwargs)
+    finally:
+        hd.remove()
+    with pytest.raises(tr.TraceError, match="incomplete"):
+        tr.Trace(tmp_path / "cut")
+    resumed = tr.capture(handle, PROMPT, tmp_path / "cut", **kwargs)
+    assert set(resumed.arrays) == set(whole.arrays)
+    for k, v in whole.arrays.items():
+        assert np.array_equal(v.view(np.uint8), resumed.arrays[k].view(np.uint8)), k
+
+
+def test_unembedding_angles_against_numpy(handle, base_trace):
+    states = base_trace.stage("final_norm")
+    got = tr.unembedding_angles(handle, states, ranks=(1, 2, 5))
+    W = handle.unembed.weight.detach().double().numpy()
+    x = states.double().numpy()
+    order = np.argsort(-(x @ W.T), axis=1, kind="stable")
+    for r in (1, 2, 5):
+        ids = order[:, r - 1]
+        cos = (x * W[ids]).sum(1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(W[ids], axis=1))
+        rows = got[got["rank"] == r]
+        np.testing.assert_array_equal(rows.token_id.to_numpy(), ids)
+        np.testing.assert_allclose(rows.angle_deg.to_numpy(), np.degrees(np.arccos(cos)), rtol=1e-10)
+
+
+def test_lens_on_final_norm_reproduces_the_stored_logits(handle, base_trace):
+    t = int(RNG.integers(base_trace.n_steps))
+    ids = base_trace.arrays["topk_ids"][t][:5].tolist()
+    lens = tr.lens_logits(handle, "final_norm", base_trace.stage("final_norm")[t:t + 1], ids)[0]
+    np.testing.assert_allclose(lens.numpy(), base_trace.arrays["topk_logits"][t][:5], rtol=1e-5, atol=1e-5)
+    with pytest.raises(tr.TraceError, match="residual"):
+        tr.lens_logits(handle, "layer0.mlp", base_trace.stage("layer0.mlp")[:1], ids)
+
+
+def test_batch_rows_record_row_zero_and_threads_are_restored(handle, tmp_path):
+    before = torch.get_num_threads()
+    t = tr.capture(handle, PROMPT, tmp_path / "b3", steps=4, stages="residual", batch_rows=3, threads=1,
+                   stop_at_eos=False, progress=False)
+    assert torch.get_num_threads() == before
+    assert t.manifest["settings"]["batch_rows"] == 3 and t.manifest["settings"]["threads"] == 1
+    assert t.stage("final_norm").shape == (4, handle.d_model)
+
+
+def test_refuses_pairs_of_different_prompts_or_models(handle, base_trace, tmp_path, tmp_path_factory):
+    other = tr.capture(handle, "A different prompt", tmp_path / "p", steps=3, stop_at_eos=False, progress=False)
+    with pytest.raises(tr.TraceError, match="different prompts"):
+        tr.compare(base_trace, other)
+    fam = handle.adapter.family
+    h2 = ic.load_model(random_model_dir(tmp_path_factory.mktemp("other"), fam, seed=SESSION_SEED + 1))
+    t2 = tr.capture(h2, PROMPT, tmp_path / "m", steps=3, stop_at_eos=False, progress=False)
+    with pytest.raises(tr.TraceError, match="different weights"):
+        tr.compare(base_trace, t2)
+
+
+def test_truncated_or_foreign_folders_are_refused(base_trace, tmp_path):
+    cut = tmp_path / "cut"
+    shutil.copytree(base_trace.path, cut)
+    sorted((cut / "steps").glob("*.npz"))[-1].unlink()
+    with pytest.raises(tr.TraceError, match="truncated"):
+        tr.Trace(cut).tokens
+    with pytest.raises(tr.TraceError, match="not a trace folder"):
+        tr.Trace(tmp_path / "nowhere")
+    bad = tmp_path / "bad"
+    shutil.copytree(base_trace.path, bad)
+    m = json.loads((bad / "manifest.json").read_text())
+    m["complete"] = False
+    (bad / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(tr.TraceError, match="incomplete"):
+        tr.Trace(bad)
+
+
+def test_bad_capture_arguments(handle, tmp_path):
+    with pytest.raises(tr.TraceError, match="unknown stage"):
+        tr.capture(handle, PROMPT, tmp_path / "x", steps=2, stages=["layer0.nonsense"])
+    with pytest.raises(tr.TraceError, match="unknown stage preset"):
+        tr.capture(handle, PROMPT, tmp_path / "x", steps=2, stages="everything")
+    with pytest.raises(tr.TraceError, match="empty prompt"):
+        tr.capture(handle, "  ", tmp_path / "x", steps=2)
+    with pytest.raises(tr.TraceError, match="positions"):
+        tr.capture(handle, PROMPT, tmp_path / "x", steps=10_000)
+    with pytest.raises(tr.TraceError, match="chat template"):
+        tr.capture(handle, PROMPT, tmp_path / "x", steps=2, chat=True)
+    tr.capture(handle, PROMPT, tmp_path / "y", steps=2, stop_at_eos=False, progress=False)
+    with pytest.raises(tr.TraceError, match="other settings"):
+        tr.capture(handle, PROMPT, tmp_path / "y", steps=3, stop_at_eos=False, progress=False)
