@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 
@@ -89,6 +90,60 @@ def cmd_analyze_logits(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_capture(args: argparse.Namespace) -> int:
+    from . import trace
+    from .models import load_model
+    h = load_model(args.model, dtype=args.dtype, device=args.device, attn_implementation=args.attn)
+    stages = args.stages if "," not in args.stages and "[" not in args.stages and "." not in args.stages \
+        else [s.strip() for s in args.stages.split(",") if s.strip()]
+    t = trace.capture(h, args.prompt, args.out, steps=args.steps, stages=stages, use_cache=not args.no_cache,
+                      batch_rows=args.batch_rows, threads=args.threads, top_k=args.top_k, chat=args.chat,
+                      stop_at_eos=not args.no_eos_stop)
+    print(f"{t.n_steps} steps ({t.label()}): {t.path}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from . import trace
+    from .models import load_model
+    from .results import write_json
+    comp = trace.compare(args.trace_a, args.trace_b)
+    a, b = comp.a, comp.b
+    print(f"A: {a.path}  ({a.label()})\nB: {b.path}  ({b.label()})")
+    report: dict = comp.summary()
+    if comp.divergence is None:
+        print(f"no divergence in the {comp.common_steps} common steps; states compared at every step")
+    else:
+        d = comp.divergence
+        ta, tb = (int(t.tokens[d]) for t in (a, b))
+        text = json.loads((a.path / "tokens.json").read_text())["generated_text"]
+        text_b = json.loads((b.path / "tokens.json").read_text())["generated_text"]
+        print(f"divergence at step {d}: A chose {ta} {text[d]!r}, B chose {tb} {text_b[d]!r}")
+    step = comp.last_step
+    with pd.option_context("display.width", 160, "display.max_columns", 12):
+        print(f"\nlogits by token id at step {step}:\n{comp.logits_by_id(step)}")
+        cols = ["changed", "max_abs", "l2", "cosine", "ulp=0", "ulp=1"]
+        print(f"\nper stage at step {step}:\n{comp.at(step)[cols]}")
+    report["logits_by_id"] = comp.logits_by_id(step).reset_index().to_dict(orient="records")
+    report["at_step"] = comp.at(step).reset_index().to_dict(orient="records")
+    if not args.no_model:
+        from .models import BUNDLED
+        name = a.manifest["model"]["model"]
+        source = args.model or (name if name in BUNDLED else a.manifest["model"]["path"])
+        h = load_model(source, dtype=args.dtype or a.manifest["model"]["dtype"], device=args.device)
+        loc = trace.localise(comp, h)
+        print(f"\nfirst stage that differs at step {step}: {loc.first_difference}"
+              f"\nfirst stage where the logit lens' favoured token differs: {loc.first_flip}")
+        report["first_difference"], report["first_flip"] = loc.first_difference, loc.first_flip
+        report["localisation"] = loc.table.reset_index().to_dict(orient="records")
+    if args.json:
+        write_json(Path(args.json), report)
+        print(f"\nreport: {args.json}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="instab", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -110,6 +165,33 @@ def main(argv: list[str] | None = None) -> int:
     al.add_argument("config", help="YAML config (see examples/analyze_logits.yaml)")
     al.add_argument("--output-dir", default=None, help="override the config's output_dir")
     al.set_defaults(func=cmd_analyze_logits)
+    cap = sub.add_parser("capture", help="greedy-generate from a prompt and write a trace folder")
+    cap.add_argument("prompt")
+    cap.add_argument("--out", required=True, help="trace folder (an interrupted capture resumes there)")
+    cap.add_argument("--model", default="tiny-llama", help="bundled name or local Hugging Face directory")
+    cap.add_argument("--dtype", default="float32")
+    cap.add_argument("--device", default="cpu")
+    cap.add_argument("--attn", default="eager", help="attention implementation: eager | sdpa")
+    cap.add_argument("--steps", type=int, default=100)
+    cap.add_argument("--stages", default="seed_exp8_p1",
+                     help="preset (seed_exp8_p1 | residual | all) or comma-separated stage names")
+    cap.add_argument("--no-cache", action="store_true", help="re-run the whole sequence every step")
+    cap.add_argument("--batch-rows", type=int, default=1)
+    cap.add_argument("--threads", type=int, default=None)
+    cap.add_argument("--top-k", type=int, default=10)
+    cap.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    cap.add_argument("--no-eos-stop", action="store_true", help="keep generating after the EOS token")
+    cap.set_defaults(func=cmd_capture)
+    cmp_ = sub.add_parser("compare", help="compare two trace folders of the same prompt and model")
+    cmp_.add_argument("trace_a")
+    cmp_.add_argument("trace_b")
+    cmp_.add_argument("--model", default=None,
+                      help="model for the logit lens (default: trace A's bundled name or model path)")
+    cmp_.add_argument("--dtype", default=None, help="dtype for the logit lens (default: trace A's)")
+    cmp_.add_argument("--device", default="cpu")
+    cmp_.add_argument("--no-model", action="store_true", help="skip the localisation (no model is loaded)")
+    cmp_.add_argument("--json", default=None, help="also write the report as JSON to this file")
+    cmp_.set_defaults(func=cmd_compare)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))

@@ -222,3 +222,20 @@ def test_bad_capture_arguments(handle, tmp_path):
     tr.capture(handle, PROMPT, tmp_path / "y", steps=2, stop_at_eos=False, progress=False)
     with pytest.raises(tr.TraceError, match="other settings"):
         tr.capture(handle, PROMPT, tmp_path / "y", steps=3, stop_at_eos=False, progress=False)
+
+
+def test_capture_and_compare_commands(handle, tmp_path, capsys):
+    from instab_core.cli import main
+    common = ["--model", str(handle.path), "--steps", "6", "--no-eos-stop", "--stages", "residual"]
+    assert main(["capture", PROMPT, "--out", str(tmp_path / "a"), *common]) == 0
+    assert main(["capture", PROMPT, "--out", str(tmp_path / "b"), "--no-cache", *common]) == 0
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--json", str(tmp_path / "r.json")]) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    comp = tr.compare(tmp_path / "a", tmp_path / "b")
+    assert report["divergence"] == comp.divergence
+    assert [r["stage"] for r in report["localisation"]] == comp.stages
+    assert "first stage that differs" in capsys.readouterr().out
+    other = tmp_path / "c"
+    assert main(["capture", "Another prompt", "--out", str(other), *common]) == 0
+    assert main(["compare", str(tmp_path / "a"), str(other), "--no-model"]) == 2
+    assert "different prompts" in capsys.readouterr().err
