@@ -174,8 +174,8 @@ def gpt2_attention_case(h, layer: int = 0, matrix: str = "c_proj", samples: int 
         raise ValueError(f"{pname} is not a parameter of {h.name}")
     shape = named[pname].shape
     w0 = named[pname].detach().reshape(-1).clone()
-    text = " ".join(build_documents())
-    ids = h.tokenizer(text, return_tensors="pt")["input_ids"][0]
+    # per document: one call on the whole corpus warns that it exceeds the model's context (it is only sliced)
+    ids = torch.cat([torch.as_tensor(h.tokenizer(doc, verbose=False)["input_ids"]) for doc in build_documents()])
     rng = np.random.default_rng(seed)
     starts = rng.choice(len(ids) - length, size=samples, replace=False)
     X = torch.stack([ids[s:s + length] for s in starts]).to(h.device)
