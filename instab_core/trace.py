@@ -417,6 +417,11 @@ class Trace:
             raise TraceError(f"stage {name!r} was not captured in {self.path}; captured: {self.stages}")
         return torch.from_numpy(self.arrays[f"stage:{name}"]).to(self.dtype)
 
+    @property
+    def token_text(self) -> list[str]:
+        """The text of each generated token (decoded one id at a time, for display only)."""
+        return json.loads((self.path / "tokens.json").read_text())["generated_text"]
+
     def label(self) -> str:
         m, s = self.manifest["model"], self.manifest["settings"]
         return (f"{m['dtype']}, {m['attn_implementation']}, {'KV cache' if s['use_cache'] else 'no cache'}, "
@@ -470,6 +475,19 @@ class Comparison:
                 table[c] = np.nan
         table["logit_b − logit_a"] = table.logit_b - table.logit_a
         return table.sort_values(["rank_a", "rank_b"])
+
+    def divergence_row(self) -> dict[str, Any]:
+        """The divergence in one row: the step, each trace's token and its top-1 − top-2 logit gap there."""
+        row: dict[str, Any] = {"prompt tokens": len(self.a.prompt_ids), "common steps": self.common_steps,
+                               "divergence step": self.divergence}
+        d = self.divergence
+        if d is not None:
+            for side, t in (("A", self.a), ("B", self.b)):
+                lg, pr = t.arrays["topk_logits"][d], t.arrays["topk_probs"][d]
+                row[f"{side} chose"] = t.token_text[d]
+                row[f"{side} p(top-1)"] = float(pr[0])
+                row[f"{side} top-1 − top-2"] = float(lg[0] - lg[1])
+        return row
 
     def summary(self) -> dict[str, Any]:
         return {"divergence": self.divergence, "common_steps": self.common_steps, "same_dtype": self.same_dtype,
