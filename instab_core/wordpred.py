@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,7 +98,7 @@ def read_pdf(path: str | Path) -> str:
                             "or pass its text as a .txt file") from exc
     if not pages:
         raise DocumentError(f"{p} has no pages")
-    text = "\n".join(pages)
+    text = "\n".join(page.rstrip("\n") for page in pages)  # a page break is a line break, not a paragraph break
     if not text.strip():
         raise DocumentError(f"{p} has no extractable text (a scanned PDF? run OCR first and pass the text file)")
     return text
@@ -148,7 +149,8 @@ def _wrap(text: str, width: int) -> list[str]:
 def write_pdf(text: str, path: str | Path, width: int = 90, lines_per_page: int = 60) -> Path:
     """Write ``text`` as a minimal, deterministic PDF (Helvetica 10 pt, A4, one text stream per page).
 
-    Paragraphs (separated by blank lines) are wrapped at ``width`` characters. No dates or ids are written,
+    Paragraphs (separated by blank lines) are wrapped at ``width`` characters; a blank line is written as a single
+    space, so that text extraction keeps the paragraph breaks. No dates or ids are written,
     so the same text gives the same bytes. Latin-1 text only.
     """
     lines = _wrap(text, width)
@@ -163,7 +165,7 @@ def write_pdf(text: str, path: str | Path, width: int = 90, lines_per_page: int 
         b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica /Encoding /WinAnsiEncoding >>",
     ]
     for i, page in enumerate(pages):
-        body = "BT /F1 10 Tf 12 TL 56 790 Td\n" + "".join(f"({_pdf_escape(ln)}) Tj T*\n" for ln in page) + "ET"
+        body = "BT /F1 10 Tf 12 TL 56 790 Td\n" + "".join(f"({_pdf_escape(ln or ' ')}) Tj T*\n" for ln in page) + "ET"
         stream = body.encode("latin-1")
         objs.append((f"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 595 842] /Resources << /Font << /F1 3 0 R >> >> "
                      f"/Contents {5 + 2 * i} 0 R >>").encode())
@@ -180,6 +182,13 @@ def write_pdf(text: str, path: str | Path, width: int = 90, lines_per_page: int 
     p = Path(path)
     p.write_bytes(bytes(out))
     return p
+
+
+def paragraph_index(text: str) -> np.ndarray:
+    """Paragraph number [n_words] (int64) of each word of ``split_words(text)``; paragraphs are separated by blank
+    lines (lines holding only spaces or tabs count as blank)."""
+    paras = [p for p in re.split(r"\n[ \t]*\n", text) if p.split()]
+    return np.repeat(np.arange(len(paras), dtype=np.int64), [len(p.split()) for p in paras])
 
 
 def write_sample_pdf(path: str | Path = SAMPLE_PDF) -> Path:

@@ -191,8 +191,11 @@ def test_pdf_round_trip(tmp_path):
     got = wp.read_pdf(wp.write_pdf(text, tmp_path / "doc.pdf", width=60, lines_per_page=20))
     assert wp.split_words(got).words == wp.split_words(text).words
     assert len(wp.read_pdf(tmp_path / "doc.pdf").split("\n")) > 20  # several pages
+    np.testing.assert_array_equal(wp.paragraph_index(got), wp.paragraph_index(text))  # paragraph breaks survive
     assert wp.write_sample_pdf(tmp_path / "sample.pdf").read_bytes() == wp.SAMPLE_PDF.read_bytes()
-    assert wp.split_words(wp.read_document(wp.SAMPLE_PDF)).words == wp.split_words(wp.read_document(wp.SAMPLE_TEXT)).words
+    pdf, txt = wp.read_document(wp.SAMPLE_PDF), wp.read_document(wp.SAMPLE_TEXT)
+    assert wp.split_words(pdf).words == wp.split_words(txt).words
+    np.testing.assert_array_equal(wp.paragraph_index(pdf), wp.paragraph_index(txt))
 
 
 class _Interrupt(Exception):
