@@ -397,7 +397,10 @@ def _segment_stats(handle: ModelHandle, tok: Tokenized, seg: Segment, ids: torch
     hidden, cache = _feed(handle, fed, cache, chunk)
     start = base + (seg.t0 - 1 - seg.lo)  # the row that predicts target t0
     n = seg.t1 - seg.t0
-    stats = token_statistics(handle, hidden[start:start + n], ids[seg.t0:seg.t1])
+    # statistics in pieces of ``chunk`` rows: a [rows, vocab] float64 log-softmax is the largest temporary
+    parts = [token_statistics(handle, hidden[start + r:start + min(n, r + chunk)], ids[seg.t0 + r:seg.t0 + min(n, r + chunk)])
+             for r in range(0, n, chunk)]
+    stats = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     # tokens attended to by each prediction: the fed sequence up to and including its row
     history = np.arange(start + 1, start + 1 + n, dtype=np.int64) if seg.fresh or seg.lo == 0 else \
         np.arange(seg.lo + start + 1, seg.lo + start + 1 + n, dtype=np.int64)
