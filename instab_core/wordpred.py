@@ -89,7 +89,8 @@ def read_pdf(path: str | Path) -> str:
     try:
         reader = PdfReader(p)
         if reader.is_encrypted and not reader.decrypt(""):  # PasswordType.NOT_DECRYPTED is 0
-            raise DocumentError(f"{p} is an encrypted PDF: decrypt it first (e.g. `qpdf --decrypt --password=... in out`)")
+            raise DocumentError(f"{p} is an encrypted PDF: decrypt it first "
+                                "(e.g. `qpdf --decrypt --password=... in out`)")
         pages = [page.extract_text() or "" for page in reader.pages]
     except DocumentError:
         raise
@@ -327,7 +328,8 @@ def plan_segments(n_tokens: int, prefix: int, context: int | None = None, stride
         return segs
     C = context - prefix
     if C < 2:
-        raise ValueError(f"context={context} leaves {C} document tokens after the {prefix}-token prefix; use >= {prefix + 2}")
+        raise ValueError(f"context={context} leaves {C} document tokens after the {prefix}-token prefix; "
+                         f"use >= {prefix + 2}")
     if max_pos is not None and context > max_pos:
         raise ValueError(f"context={context} exceeds the model's {max_pos} positions")
     if stride is None:
@@ -335,7 +337,7 @@ def plan_segments(n_tokens: int, prefix: int, context: int | None = None, stride
     if not 1 <= stride <= C:
         raise ValueError(f"stride must be in 1..{C} (context minus the prefix), got {stride}")
     hi = min(last, prefix + C)
-    segs = [Segment(fresh=True, lo=prefix if prefix > 0 else 0, hi=hi, t0=first, t1=hi + 1)]
+    segs = [Segment(fresh=True, lo=prefix, hi=hi, t0=first, t1=hi + 1)]
     while hi < last:
         new_hi = min(last, hi + stride)
         segs.append(Segment(fresh=True, lo=new_hi - C, hi=new_hi, t0=hi + 1, t1=new_hi + 1))
@@ -355,7 +357,8 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def token_statistics(handle: ModelHandle, hidden: torch.Tensor, targets: torch.Tensor) -> dict[str, np.ndarray]:
     """Per-target statistics from final hidden states ``hidden`` [n, d] (after the final norm, model dtype) that
     predict token ids ``targets`` [n]. Logits = unembedding(hidden) in the model's dtype; log-probabilities by
-    float64 log-softmax; cosines in float64 with the unembedding rows. Arrays on the CPU."""
+    float64 log-softmax; cosines in float64 with the unembedding rows; ``rank`` = number of tokens with a strictly
+    larger logit than the target (0: the target is a top-1). Arrays on the CPU."""
     logits = handle.unembed(hidden)
     logp = torch.log_softmax(logits.double(), dim=-1)
     rows = torch.arange(targets.shape[0], device=targets.device)
@@ -398,8 +401,8 @@ def _segment_stats(handle: ModelHandle, tok: Tokenized, seg: Segment, ids: torch
     start = base + (seg.t0 - 1 - seg.lo)  # the row that predicts target t0
     n = seg.t1 - seg.t0
     # statistics in pieces of ``chunk`` rows: a [rows, vocab] float64 log-softmax is the largest temporary
-    parts = [token_statistics(handle, hidden[start + r:start + min(n, r + chunk)], ids[seg.t0 + r:seg.t0 + min(n, r + chunk)])
-             for r in range(0, n, chunk)]
+    parts = [token_statistics(handle, hidden[start + r:start + min(n, r + chunk)],
+                              ids[seg.t0 + r:seg.t0 + min(n, r + chunk)]) for r in range(0, n, chunk)]
     stats = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     # tokens attended to by each prediction: the fed sequence up to and including its row
     history = np.arange(start + 1, start + 1 + n, dtype=np.int64) if seg.fresh or seg.lo == 0 else \
