@@ -144,6 +144,12 @@ def prompt_ids(handle: ModelHandle, prompt: str, chat: bool = False) -> torch.Te
     return ids.to(handle.device)
 
 
+def max_steps(handle: ModelHandle, prompt: str, chat: bool = False) -> int | None:
+    """The most steps a capture of ``prompt`` can take within the model's positions (None: no limit known)."""
+    limit = _max_positions(handle)
+    return None if limit is None else limit - len(prompt_ids(handle, prompt, chat)) + 1
+
+
 def _save_cache(path: Path, cache: Any, steps_done: int) -> None:
     from safetensors.torch import save_file
 
@@ -194,10 +200,10 @@ def capture(handle: ModelHandle, prompt: str, out_dir: str | os.PathLike, steps:
         raise TraceError("batch_rows, top_k and chunk must be at least 1")
     out = Path(out_dir)
     ids = prompt_ids(handle, prompt, chat)
-    limit = _max_positions(handle)
-    if limit is not None and len(ids) + steps - 1 > limit:
-        raise TraceError(f"prompt ({len(ids)} tokens) + {steps} steps exceeds the model's {limit} positions: "
-                         f"use steps <= {limit - len(ids) + 1}")
+    most = max_steps(handle, prompt, chat)
+    if most is not None and steps > most:
+        raise TraceError(f"prompt ({len(ids)} tokens) + {steps} steps exceeds the model's {_max_positions(handle)} "
+                         f"positions: use steps <= {most} (trace.max_steps gives it)")
     mods = stage_modules(handle, stages)
     old_threads = torch.get_num_threads()
     if threads is not None:
