@@ -32,6 +32,12 @@ bench: setup
 	$(BIN)/python benchmarks/bench_sweep.py
 	$(BIN)/python benchmarks/bench_lipschitz.py
 	$(BIN)/python benchmarks/bench_decision.py
+	$(BIN)/python benchmarks/bench_trace.py
+	$(BIN)/python benchmarks/bench_wordpred.py
+	$(BIN)/python benchmarks/bench_levelsets.py
+	$(BIN)/python benchmarks/bench_fisher.py
+	$(BIN)/python benchmarks/bench_linearity.py
+	$(BIN)/python benchmarks/bench_curvature.py
 
 clean-book:
 	rm -rf _build book/experiments/*.ipynb
