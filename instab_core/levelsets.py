@@ -151,6 +151,11 @@ class LevelSet:
         hidden = run_until(self.handle, emb, self.handle.final_norm)[:, -1]
         return self.handle.unembed(hidden)
 
+    @torch.no_grad()
+    def distribution(self, X: torch.Tensor) -> torch.Tensor:
+        """The model's next-token distribution softmax(logits(X)) [n, V], float64."""
+        return torch.softmax(self.logits(X).double(), dim=-1)
+
     def kl(self, X: torch.Tensor) -> torch.Tensor:
         """Differentiable KL(t ‖ p(x)) [n] in float64 from the model-dtype logits."""
         logp = torch.log_softmax(self.logits(X).double(), dim=-1)

@@ -253,6 +253,12 @@ class LinearityResult:
         return linearity_radius(self.radii, e, c, self.relerr_threshold, self.cos_threshold)
 
     @property
+    def first_failing(self) -> float | None:
+        """The smallest tested radius above the linearity radius (None if every radius passes)."""
+        later = [float(x) for x in sorted(self.radii) if self.radius is None or x > self.radius]
+        return later[0] if later else None
+
+    @property
     def largest_passing(self) -> float | None:
         e, c = self.means()
         return largest_passing_radius(self.radii, e, c, self.relerr_threshold, self.cos_threshold)

@@ -109,20 +109,29 @@ def capture(probe: Probe, X: torch.Tensor, submodule_layers: tuple[int, ...] = (
     return out
 
 
+def cosine_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosine of each row of a [n, w] with the matching row of b [n, w] (or [w]), float64 [n]."""
+    a, b = a.double(), b.double()
+    return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
+
+
 def compare(A: torch.Tensor, ref: torch.Tensor) -> dict[str, np.ndarray]:
-    """Metrics of each row of A [n, w] against ref [w] (same dtype); arrays of length n."""
+    """Metrics of each row of A [n, w] against ref [w] or [n, w] (same dtype); arrays of length n.
+
+    ``rel_l2`` is ‖A − ref‖ / ‖ref‖ per row (inf where the reference row is zero and A differs)."""
     ref_b = ref.expand_as(A)
     diff = A.double() - ref_b.double()
     absd = diff.abs()
     w = A.shape[1]
     changed = (~fp.bits_equal(A, ref_b)).sum(dim=1)
-    a64, r64 = A.double(), ref_b.double()
-    cos = (a64 * r64).sum(1) / (a64.norm(dim=1) * r64.norm(dim=1))
+    cos = cosine_rows(A, ref_b)
+    l2 = diff.norm(dim=1)
     ulps = fp.ulp_distance(A, ref_b)
     m: dict[str, np.ndarray] = {
         "changed": changed.cpu().numpy(), "pct_changed": (100.0 * changed / w).cpu().numpy(),
         "mean_abs": absd.mean(1).cpu().numpy(), "max_abs": absd.amax(1).cpu().numpy(),
-        "l2": diff.norm(dim=1).cpu().numpy(), "cosine": cos.cpu().numpy(),
+        "l2": l2.cpu().numpy(), "rel_l2": (l2 / ref_b.double().norm(dim=1)).cpu().numpy(),
+        "cosine": cos.cpu().numpy(),
     }
     edges = list(ULP_EDGES) + [np.iinfo(np.int64).max]
     for lo, hi, label in zip(edges[:-1], edges[1:], ULP_LABELS):

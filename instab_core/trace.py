@@ -39,6 +39,7 @@ from . import fp
 from .models import ModelHandle
 from .results import _atomic_write, _savez, environment, write_json
 from .sweep import compare as compare_rows
+from .sweep import cosine_rows
 
 FORMAT = "instab-trace/1"
 DECIMALS = tuple(range(1, 16))  # the seed's |Δ| >= 10^-k bins, k = 1..15
@@ -647,9 +648,8 @@ def recomputed_logits(comp: Comparison, handle: ModelHandle, step: int | None = 
     """
     step = comp.last_step if step is None else step
     ids = comp.a.arrays["topk_ids"][step][:k].tolist()
-    for t in (int(comp.b.tokens[step]),):
-        if t not in ids:
-            ids.append(t)
+    if int(comp.b.tokens[step]) not in ids:  # B's choice too, where it is not in A's top-k
+        ids.append(int(comp.b.tokens[step]))
     rows = []
     for side, tr in (("a", comp.a), ("b", comp.b)):
         here = lens_logits(handle, "final_norm", tr.stage("final_norm")[step:step + 1], ids)[0].double().cpu()
@@ -677,9 +677,7 @@ def unembedding_angles(handle: ModelHandle, states: torch.Tensor, ranks: Sequenc
     rows = []
     for r in ranks:
         ids = order[:, r - 1]
-        rows_w = W[ids]
-        cos = (x * rows_w).sum(1) / (x.norm(dim=1) * rows_w.norm(dim=1))
-        ang = torch.rad2deg(torch.arccos(cos.clamp(-1, 1)))
+        ang = torch.rad2deg(torch.arccos(cosine_rows(x, W[ids]).clamp(-1, 1)))
         rows.append(pd.DataFrame({"step": np.arange(len(x)), "rank": r, "token_id": ids.cpu().numpy(),
                                   "angle_deg": ang.cpu().numpy()}))
     return pd.concat(rows, ignore_index=True)
@@ -697,8 +695,7 @@ def norm_alignment(trace: Trace, handle: ModelHandle, steps: Sequence[int] | Non
         ids = trace.arrays["topk_ids"][t][:k].tolist()
         W = _unembed_rows(handle, ids).double().cpu()
         for name, h in (("pre-norm", pre[t]), ("post-norm", post[t])):
-            h = h.double()
-            cos = (W @ h) / (W.norm(dim=1) * h.norm())
+            cos = cosine_rows(W, h)
             rows += [{"step": t, "state": name, "rank": r + 1, "token_id": ids[r], "cosine": float(c)}
                      for r, c in enumerate(cos)]
     return pd.DataFrame(rows)
@@ -713,8 +710,4 @@ def embedding_identity(comp: Comparison) -> dict[str, Any]:
     equal = fp.bits_equal(x, y).all(dim=1)
     return {"steps": int(len(equal)), "bitwise_equal_rows": int(equal.sum()),
             "max_abs": float((x.double() - y.double()).abs().max()), "compared_in": str(x.dtype)}
-
-
-def describe_tokens(handle: ModelHandle, ids: Sequence[int]) -> list[str]:
-    return [handle.tokenizer.decode([int(i)]) for i in ids]
 

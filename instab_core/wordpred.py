@@ -52,6 +52,7 @@ import pandas as pd
 import torch
 
 from .models import ModelHandle
+from .sweep import cosine_rows
 from .zoo import ZOO_DIR
 
 DOCUMENTS_DIR: Path = ZOO_DIR / "documents"
@@ -349,10 +350,6 @@ def plan_segments(n_tokens: int, prefix: int, context: int | None = None, stride
 # The kernel
 
 
-def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
-
-
 @torch.no_grad()
 def token_statistics(handle: ModelHandle, hidden: torch.Tensor, targets: torch.Tensor) -> dict[str, np.ndarray]:
     """Per-target statistics from final hidden states ``hidden`` [n, d] (after the final norm, model dtype) that
@@ -370,8 +367,9 @@ def token_statistics(handle: ModelHandle, hidden: torch.Tensor, targets: torch.T
     out = {
         "logprob": logp[rows, targets], "logit": tgt_logit.float(), "rank": (logits > tgt_logit[:, None]).sum(-1),
         "top_ids": top.indices, "top_logits": top.values.float(), "top_probs": logp.gather(1, top.indices).exp(),
-        "cos_h_target": _cos(hd, w_t), "cos_h_top1": _cos(hd, w_1), "cos_h_top2": _cos(hd, w_2),
-        "cos_top1_target": _cos(w_1, w_t), "cos_top2_target": _cos(w_2, w_t),
+        "cos_h_target": cosine_rows(hd, w_t), "cos_h_top1": cosine_rows(hd, w_1),
+        "cos_h_top2": cosine_rows(hd, w_2),
+        "cos_top1_target": cosine_rows(w_1, w_t), "cos_top2_target": cosine_rows(w_2, w_t),
     }
     return {k: v.cpu().numpy() for k, v in out.items()}
 

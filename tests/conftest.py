@@ -13,6 +13,9 @@ from urllib.parse import urlparse
 
 import pytest
 
+import instab_core as ic
+from randmodels import random_model_dir
+
 REPO = Path(__file__).resolve().parents[1]
 
 # toolchain.md section 4: flags that keep headless Chromium quiet and self-contained.
@@ -27,6 +30,13 @@ CHROMIUM_FLAGS = [
     "--disable-dev-shm-usage",
 ]
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", ""}
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def handle(request, tmp_path_factory):
+    """A fresh random model of each family (session seed), loaded by the one loader. Test modules that need
+    another shape (more layers, float64) define their own ``handle``."""
+    return ic.load_model(random_model_dir(tmp_path_factory.mktemp(request.param), request.param))
 
 
 @pytest.fixture(scope="session")

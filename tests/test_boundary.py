@@ -15,11 +15,6 @@ from randmodels import SESSION_SEED, random_model_dir
 PROMPT = "The capital of France is"
 
 
-@pytest.fixture(scope="module", params=["llama", "gpt2"])
-def handle(request, tmp_path_factory):
-    path = random_model_dir(tmp_path_factory.mktemp(request.param), request.param)
-    return ic.load_model(path)
-
 
 def _directions(probe: ic.Probe, rays: int, seed: int) -> np.ndarray:
     gen = np.random.default_rng(seed)

@@ -8,14 +8,10 @@ import torch
 
 import instab_core as ic
 from instab_core import fp, sweep
-from randmodels import SESSION_SEED, random_model_dir
+from randmodels import SESSION_SEED
 
 PROMPT = "The capital of France is"
 
-
-@pytest.fixture(scope="module", params=["llama", "gpt2"])
-def handle(request, tmp_path_factory):
-    return ic.load_model(random_model_dir(tmp_path_factory.mktemp(request.param), request.param))
 
 
 def _direction(d: int, seed: int) -> torch.Tensor:

@@ -21,10 +21,6 @@ PROMPT = "The capital of France is"
 RNG = np.random.default_rng(SESSION_SEED)
 
 
-@pytest.fixture(scope="module", params=["llama", "gpt2"])
-def handle(request, tmp_path_factory):
-    return ic.load_model(random_model_dir(tmp_path_factory.mktemp(request.param), request.param))
-
 
 @pytest.fixture(scope="module")
 def base_trace(handle, tmp_path_factory):

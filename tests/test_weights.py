@@ -8,12 +8,8 @@ import torch
 
 import instab_core as ic
 from instab_core import weights as W
-from randmodels import SESSION_SEED, random_model_dir
+from randmodels import SESSION_SEED
 
-
-@pytest.fixture(scope="module", params=["llama", "gpt2"])
-def handle(request, tmp_path_factory):
-    return ic.load_model(random_model_dir(tmp_path_factory.mktemp(request.param), request.param))
 
 
 def _matrix(seed: int, shape=(37, 53)) -> np.ndarray:
