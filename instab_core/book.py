@@ -22,6 +22,8 @@ from typing import Any
 import nbformat
 import yaml
 
+from . import params
+
 EXPERIMENTS_DIR = "book/experiments"
 STATIC_DIR = "book/_static"
 MATHJAX_VERSION = "3.2.2"
@@ -131,8 +133,18 @@ def _metadata(nb_path: Path) -> dict:
 
 
 def smoke_parameters(name: str, root: Path | None = None) -> dict:
-    """``metadata["instab"]["smoke_parameters"]`` of experiment ``name`` (fast test settings; {} if none)."""
-    return dict(_metadata(_source(name, Path(root or repo_root()))).get("smoke_parameters", {}))
+    """The ``smoke`` profile of experiment ``name`` (fast test settings; {} if it has none)."""
+    return dict(params.profiles(source(name, root)).get("smoke", {}))
+
+
+def profile_parameters(name: str, profile: str, root: Path | None = None) -> dict:
+    """The parameters of profile ``profile`` of experiment ``name`` (``default``: {})."""
+    return params.profile(source(name, root), profile)
+
+
+def source(name: str, root: Path | None = None) -> Path:
+    """The source notebook of experiment ``name`` ("exp12" or the full stem "exp12_polar_boundary")."""
+    return _source(name, Path(root or repo_root()))
 
 
 def _source(name: str, root: Path) -> Path:
@@ -160,8 +172,10 @@ def run_notebook(
 
     The kernel runs with cwd = the repo root and inherits ``INSTAB_RUN_RECORD`` (a temp file where
     the results store appends each finished run folder) and, if given, ``INSTAB_RESULTS``.
-    A failure does not raise: it is reported in the returned ``NotebookRun``, and the partially
-    executed notebook is kept at the output path.
+    Parameters are checked against the notebook's parameters cell first: an unknown name or a value of the
+    wrong type raises :class:`instab_core.params.ParameterError` before anything runs. A failure while
+    executing does not raise: it is reported in the returned ``NotebookRun``, and the partially executed
+    notebook is kept at the output path.
     """
     import papermill
     from papermill.exceptions import PapermillExecutionError
@@ -169,6 +183,7 @@ def run_notebook(
     root = Path(root or repo_root()).resolve()
     src = _source(name, root)
     key = _key(src.stem)
+    parameters = params.check(key, src, dict(parameters or {}))
     out_dir = Path(out_dir) if out_dir is not None else root / EXPERIMENTS_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / src.name
@@ -191,7 +206,7 @@ def run_notebook(
         papermill.execute_notebook(
             str(src),
             str(tmp),
-            parameters=dict(parameters or {}),
+            parameters=parameters,
             kernel_name="python3",
             cwd=str(root),
             log_output=False,

@@ -8,25 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-
-def parse_value(text: str) -> Any:
-    """A -p value as papermill would take it: int, float, bool, null, JSON, else the string."""
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    lowered = text.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    if lowered in ("none", "null"):
-        return None
-    if text[:1] in "[{":
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError:
-            pass
-    return text
+from .params import parse_value  # noqa: F401  (the -p value parser; re-exported)
 
 
 def cmd_models(_: argparse.Namespace) -> int:
@@ -56,19 +38,43 @@ def cmd_list(_: argparse.Namespace) -> int:
     return 0
 
 
+def _run_parameters(args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    """The profile's parameters, then each ``-p NAME VALUE``, checked against the notebook before anything runs."""
+    from . import book, params
+    src = book.source(args.experiment, root)
+    chosen = params.profile(src, "smoke" if args.smoke else args.profile)
+    given = {k: parse_value(v) for k, v in args.parameters}
+    raw = {k: v for k, v in args.parameters}
+    return {**params.check(args.experiment, src, chosen), **params.check(args.experiment, src, given, raw)}
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from . import book
     root = book.repo_root()
-    params = book.smoke_parameters(args.experiment, root) if args.smoke else {}
-    params.update({k: parse_value(v) for k, v in args.parameters})
-    outcome = book.run_notebook(args.experiment, params, root, results_root=args.results)
+    values = _run_parameters(args, root)
+    outcome = book.run_notebook(args.experiment, values, root, results_root=args.results)
     if not outcome.ok:
-        print(f"instab run {args.experiment} failed: {outcome.error}\n"
-              f"the partly executed notebook is {outcome.executed}", file=sys.stderr)
+        error = " ".join((outcome.error or "failed").split())
+        print(f"instab run {args.experiment} failed: {error} (the partly executed notebook: {outcome.executed})",
+              file=sys.stderr)
         return 1
     print(f"executed notebook: {outcome.executed}")
     for folder in outcome.results:
         print(folder)
+    return 0
+
+
+def cmd_params(args: argparse.Namespace) -> int:
+    from . import book, params
+    src = book.source(args.experiment)
+    rows = params.describe(src)
+    head = ("name", "type", "default", "")
+    widths = [max(len(str(r[i])) for r in (head, *rows)) for i in range(3)]
+    for r in (head, *rows):
+        print("  ".join(str(c).ljust(w) for c, w in zip(r[:3], widths)) + (f"  # {r[3]}" if r[3] else ""))
+    extra = {k: v for k, v in params.profiles(src).items() if k != params.DEFAULT_PROFILE}
+    for name, values in extra.items():
+        print(f"profile {name}: {json.dumps(values)}")
     return 0
 
 
@@ -154,8 +160,13 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("-p", "--parameter", dest="parameters", nargs=2, action="append", default=[],
                      metavar=("NAME", "VALUE"), help="set a notebook parameter (repeatable)")
     run.add_argument("--results", default=None, help="results root (default: results/ in the checkout)")
-    run.add_argument("--smoke", action="store_true", help="start from the notebook's small smoke-test parameters")
+    run.add_argument("--profile", default="default",
+                     help="a named parameter set of the notebook: default | smoke | seed (see `instab params EXP`)")
+    run.add_argument("--smoke", action="store_true", help="the same as --profile smoke")
     run.set_defaults(func=cmd_run)
+    prm = sub.add_parser("params", help="list an experiment's parameters, their types, defaults and profiles")
+    prm.add_argument("experiment")
+    prm.set_defaults(func=cmd_params)
     bk = sub.add_parser("book", help="run every notebook and build the book into _build/html")
     bk.add_argument("--no-run", action="store_true", help="build from the notebooks already executed")
     bk.add_argument("--smoke", action="store_true", help="run every notebook with its smoke-test parameters")

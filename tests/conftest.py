@@ -44,18 +44,60 @@ def repo() -> Path:
     return REPO
 
 
+# The user's work: a checkout may hold a full book or hours of GPU runs here. Tests never write into them.
+USER_AREAS = ("book/experiments", "_build", "results")
+
+
+def scratch_checkout(dest: Path, src: Path = REPO) -> Path:
+    """Copy the checkout's files (tracked, plus untracked ones git does not ignore, plus the vendored MathJax)
+    to ``dest``, without the user's book/experiments/, _build/ and results/, and return ``dest``.
+
+    Builds and notebook runs in tests use such a copy, so ``make test`` never replaces the user's book.
+    """
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=src,
+                            capture_output=True, text=True, check=True).stdout.split("\0")
+    files = [f for f in listed if f and not f.startswith(tuple(a + "/" for a in USER_AREAS))]
+    mathjax = src / "book" / "_static" / "mathjax"
+    files += [str(p.relative_to(src)) for p in mathjax.rglob("*") if p.is_file()] if mathjax.is_dir() else []
+    for f in files:
+        if (src / f).is_file():  # a file deleted but not yet committed is still listed
+            (dest / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src / f, dest / f)
+    (dest / "book" / "experiments").mkdir(parents=True, exist_ok=True)
+    return dest
+
+
+def snapshot(root: Path, areas: tuple[str, ...] = USER_AREAS) -> dict[str, tuple[int, int]]:
+    """(size, mtime in ns) of every file under ``areas`` of ``root``: what a test must leave as it found it."""
+    out: dict[str, tuple[int, int]] = {}
+    for area in areas:
+        for p in sorted((root / area).rglob("*")) if (root / area).is_dir() else []:
+            if p.is_file():
+                st = p.stat()
+                out[str(p.relative_to(root))] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+@pytest.fixture(scope="session", autouse=True)
+def users_work_untouched():
+    """The whole test session leaves the checkout's book/experiments/, _build/ and results/ as they were."""
+    before = snapshot(REPO)
+    yield
+    after = snapshot(REPO)
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    assert not changed, f"the tests changed the user's files in {REPO}: {changed[:10]}"
+
+
 @pytest.fixture(scope="session")
 def built_book(tmp_path_factory: pytest.TempPathFactory):
-    """Execute every notebook with its smoke parameters and build the book into the real repo.
-
-    book/experiments/ and _build/ are gitignored, so building in place is fine; results go to a
-    temporary INSTAB_RESULTS so test runs never touch results/.
-    """
+    """Execute every notebook with its smoke parameters and build the book, in a scratch copy of the
+    checkout (never in the user's book/experiments/ or _build/); results go to a temporary INSTAB_RESULTS."""
     from instab_core import book
 
+    root = scratch_checkout(tmp_path_factory.mktemp("checkout"))
     results = tmp_path_factory.mktemp("results")
-    params = {n: book.smoke_parameters(n, REPO) for n in book.experiments(REPO)}
-    report = book.build_book_report(REPO, run=True, parameters_for=params, results_root=results)
+    params = {n: book.smoke_parameters(n, root) for n in book.experiments(root)}
+    report = book.build_book_report(root, run=True, parameters_for=params, results_root=results)
     book.print_summary(report)  # shown with pytest -s or on failure
     return report
 
