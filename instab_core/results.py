@@ -11,6 +11,7 @@ Downstream experiments read upstream runs with :func:`load_run`, which checks th
 from __future__ import annotations
 
 import datetime as _dt
+import fcntl
 import hashlib
 import json
 import os
@@ -19,7 +20,9 @@ import shutil
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass
+import warnings
+import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +33,7 @@ import torch
 RESULTS_ENV = "INSTAB_RESULTS"
 RUN_RECORD_ENV = "INSTAB_RUN_RECORD"
 PARTIAL = ".partial"
+LOCK = ".lock"  # in a .partial folder: flock-ed by the process writing it
 
 
 class ResultsError(ValueError):
@@ -69,6 +73,37 @@ def _atomic_write(path: Path, write) -> None:
 def _savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
     with open(path, "wb") as fh:  # a path would get ".npz" appended; closed before the rename
         np.savez(fh, **arrays)
+
+
+def file_sha256(path: Path) -> str:
+    """``sha256:<hex>`` of a file's bytes, read in pieces (results may be large)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return "sha256:" + h.hexdigest()
+
+
+def read_npz(path: Path, fix: str) -> dict[str, np.ndarray]:
+    """Every array of ``path``; a missing, truncated or damaged file raises :class:`ResultsError` naming it and
+    saying what to do (``fix``, e.g. "re-run exp12")."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except FileNotFoundError:
+        raise ResultsError(f"{path} is missing: {fix}") from None
+    except (zipfile.BadZipFile, EOFError, ValueError, OSError, KeyError) as exc:
+        raise ResultsError(f"{path} is damaged or truncated ({type(exc).__name__}: {exc}): {fix}") from None
+
+
+def read_json(path: Path, fix: str) -> Any:
+    """A JSON file, or :class:`ResultsError` naming it when it is missing or not valid JSON."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ResultsError(f"{path} is missing: {fix}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ResultsError(f"{path} is damaged or truncated ({exc}): {fix}") from None
 
 
 def _json_default(o: Any) -> Any:
@@ -131,6 +166,7 @@ class Run:
     manifest: dict[str, Any]
     started: float
     resumed: bool = False
+    _lock: Any = field(default=None, repr=False)  # open lock file: held while this process writes the run
 
     @property
     def partial_path(self) -> Path:
@@ -159,17 +195,40 @@ class Run:
         write_json(target, obj)
         return self.path / target.name
 
-    # Checkpoint protocol (see boundary.Checkpoint)
+    # Checkpoint protocol (see boundary.Checkpoint). Each checkpoint has a sidecar with the hash and the
+    # shapes written at checkpoint time; one that does not match is discarded with a warning and recomputed.
+    def _checkpoint_files(self, key: str) -> tuple[Path, Path]:
+        folder = self.partial_path / "checkpoints"
+        return folder / f"{key}.npz", folder / f"{key}.check.json"
+
     def load(self, key: str) -> dict[str, np.ndarray] | None:
-        f = self.partial_path / "checkpoints" / f"{key}.npz"
-        if not f.is_file():
+        """The arrays saved under ``key``, or None (never saved, or damaged: then deleted, and a warning says so)."""
+        f, check = self._checkpoint_files(key)
+        if not f.is_file() and not check.is_file():
             return None
-        with np.load(f, allow_pickle=True) as z:
-            return {k: z[k] for k in z.files}
+        try:
+            recorded = json.loads(check.read_text())
+            if file_sha256(f) != recorded["sha256"]:
+                raise ValueError("its bytes do not match the hash written at checkpoint time")
+            with np.load(f, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+            shapes = {k: [list(v.shape), v.dtype.str] for k, v in arrays.items()}
+            if shapes != recorded["shapes"]:
+                raise ValueError(f"its arrays {shapes} are not the ones written {recorded['shapes']}")
+        except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile, EOFError) as exc:
+            warnings.warn(f"discarding damaged checkpoint {f} ({type(exc).__name__}: {exc}); recomputing it",
+                          stacklevel=2)
+            f.unlink(missing_ok=True)
+            check.unlink(missing_ok=True)
+            return None
+        return arrays
 
     def save(self, key: str, arrays: dict[str, np.ndarray]) -> None:
-        target = self.partial_path / "checkpoints" / f"{key}.npz"
-        _atomic_write(target, lambda p: _savez(p, arrays))
+        f, check = self._checkpoint_files(key)
+        arrays = {k: np.asarray(v) for k, v in arrays.items()}
+        _atomic_write(f, lambda p: _savez(p, arrays))
+        write_json(check, {"sha256": file_sha256(f),
+                           "shapes": {k: [list(v.shape), v.dtype.str] for k, v in arrays.items()}})
 
     def finish(self, **summary: Any) -> Path:
         """Write the manifest, drop checkpoints, move the folder into place; returns the final path."""
@@ -178,18 +237,38 @@ class Run:
         files = {}
         for f in sorted(self.partial_path.iterdir()):
             if f.is_file() and not f.name.startswith(".") and f.name != "manifest.json":
-                files[f.name] = "sha256:" + hashlib.sha256(f.read_bytes()).hexdigest()
+                files[f.name] = file_sha256(f)
         self.manifest.update(status="complete", finished=_now(), wall_seconds=round(time.time() - self.started, 3),
                              files=files, summary=summary)
         write_json(self.partial_path / "manifest.json", self.manifest)
         if self.path.exists():
             raise ResultsError(f"{self.path} already exists; refusing to overwrite a finished run")
+        (self.partial_path / LOCK).unlink(missing_ok=True)
         os.replace(self.partial_path, self.path)
+        self.release()
         record = os.environ.get(RUN_RECORD_ENV)
         if record:
             with open(record, "a") as fh:
                 fh.write(str(self.path) + "\n")
         return self.path
+
+
+    def release(self) -> None:
+        """Let other processes resume this run (called by :meth:`finish`; process exit releases it too)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+
+def _try_lock(folder: Path) -> Any:
+    """An exclusive lock on ``folder/.lock`` (an open file), or None when another live process holds it."""
+    fh = open(folder / LOCK, "a")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.close()
+        return None
+    return fh
 
 
 def _now() -> str:
@@ -220,13 +299,23 @@ def start_run(experiment: str, params: dict[str, Any], model: Any = None, probe:
         for cand in sorted(exp_dir.glob(f"*{PARTIAL}"), reverse=True):
             info = cand / "run.json"
             if not info.is_file():
+                continue  # being created by another process (it locks before writing run.json), or empty
+            try:
+                old = json.loads(info.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
+                warnings.warn(f"ignoring the interrupted run {cand}: its run.json is damaged ({exc}); delete the "
+                              "folder to reclaim the space", stacklevel=2)
                 continue
-            old = json.loads(info.read_text())
             same_model = (old.get("model") or {}).get("weights_hash") == (model_info or {}).get("weights_hash")
-            if old.get("params_hash") == phash and same_model:
-                run_id = cand.name[: -len(PARTIAL)]
-                print(f"resuming interrupted run {cand}")
-                return Run(experiment, run_id, root, manifest, time.time(), resumed=True)
+            if old.get("params_hash") != phash or not same_model:
+                continue
+            lock = _try_lock(cand)
+            if lock is None:
+                print(f"not resuming {cand}: another process is writing it; starting a new run")
+                continue
+            run_id = cand.name[: -len(PARTIAL)]
+            print(f"resuming interrupted run {cand}")
+            return Run(experiment, run_id, root, manifest, time.time(), resumed=True, _lock=lock)
     base = _dt.datetime.now().strftime("%Y%m%d-%H%M%S") + f"-{phash[:8]}"
     n = 1
     while True:  # same parameters started in the same second (or by another process): next free suffix
@@ -239,6 +328,7 @@ def start_run(experiment: str, params: dict[str, Any], model: Any = None, probe:
             break
         except FileExistsError:
             continue
+    run._lock = _try_lock(run.partial_path)  # before run.json: nobody resumes a folder without one
     write_json(run.partial_path / "run.json", {"params_hash": phash, "model": model_info, "created": manifest["created"]})
     return run
 
@@ -266,14 +356,16 @@ class LoadedRun:
         f = self.path / f"{name}.npz"
         if not f.is_file():
             raise ResultsError(f"{self.path} has no {f.name}")
-        with np.load(f, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
+        return read_npz(f, f"re-run {self.experiment} (the folder is damaged)")
 
     def table(self, name: str) -> pd.DataFrame:
         f = self.path / f"{name}.csv"
         if not f.is_file():
             raise ResultsError(f"{self.path} has no {f.name}")
-        return pd.read_csv(f)
+        try:
+            return pd.read_csv(f)
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+            raise ResultsError(f"{f} is damaged ({exc}): re-run {self.experiment}") from None
 
 
 def _complete_runs(exp_dir: Path) -> list[Path]:
@@ -282,7 +374,8 @@ def _complete_runs(exp_dir: Path) -> list[Path]:
         return []
     runs = [p for p in exp_dir.iterdir() if p.is_dir() and not p.name.endswith(PARTIAL)
             and (p / "manifest.json").is_file()]
-    created = {p: str(json.loads((p / "manifest.json").read_text()).get("created", "")) for p in runs}
+    fix = "delete that folder or re-run the experiment"
+    created = {p: str(read_json(p / "manifest.json", fix).get("created", "")) for p in runs}
     return sorted(runs, key=lambda p: (created[p], p.name))
 
 
@@ -294,7 +387,7 @@ def load_run(where: str | Path, experiment: str, model: Any = None, root: Path |
     if str(where) == "latest":
         runs = _complete_runs(root / experiment)
         if model is not None:
-            runs = [p for p in runs if (json.loads((p / "manifest.json").read_text()).get("model") or {})
+            runs = [p for p in runs if (read_json(p / "manifest.json", "delete that folder").get("model") or {})
                     .get("weights_hash") == model.weights_hash]
         if not runs:
             raise ResultsError(f"no finished {experiment} run for this model under {root / experiment}: "
@@ -311,7 +404,7 @@ def load_run(where: str | Path, experiment: str, model: Any = None, root: Path |
     if not manifest_file.is_file():
         raise ResultsError(f"{path} has no manifest.json: it is not the folder of a finished run "
                            f"(pass results/{experiment}/<run-id>, or 'latest')")
-    manifest = json.loads(manifest_file.read_text())
+    manifest = read_json(manifest_file, f"re-run {experiment} (the folder is damaged)")
     if manifest.get("status") != "complete":
         raise ResultsError(f"{path} has status {manifest.get('status')!r}, not complete: re-run {experiment}")
     if manifest.get("experiment") != experiment:
@@ -321,4 +414,16 @@ def load_run(where: str | Path, experiment: str, model: Any = None, root: Path |
         if have != model.weights_hash:
             raise ResultsError(f"{path} was computed with model weights {have}, but the loaded model "
                                f"({model.name}) has {model.weights_hash}: pass the matching model or re-run {experiment}")
+    verify_files(path, manifest, experiment)
     return LoadedRun(path=path, manifest=manifest)
+
+
+def verify_files(path: Path, manifest: dict[str, Any], experiment: str) -> None:
+    """Every data file the manifest lists exists with the hash recorded when the run finished."""
+    for name, recorded in (manifest.get("files") or {}).items():
+        f = path / name
+        if not f.is_file():
+            raise ResultsError(f"{f} is missing (the manifest lists it): re-run {experiment}")
+        if file_sha256(f) != recorded:
+            raise ResultsError(f"{f} does not match the hash its manifest recorded: it changed or was damaged "
+                               f"after the run finished; re-run {experiment}")

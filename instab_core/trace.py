@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from . import fp
 from .models import ModelHandle
-from .results import _atomic_write, _savez, environment, write_json
+from .results import ResultsError, _atomic_write, _savez, environment, read_npz, write_json
 from .sweep import compare as compare_rows
 from .sweep import cosine_rows
 
@@ -323,6 +323,13 @@ def _flush(out: Path, start: int, buffer: dict[str, list], manifest: dict[str, A
     write_json(out / "manifest.json", manifest)
 
 
+def _read_chunk(f: Path) -> dict[str, np.ndarray]:
+    try:
+        return read_npz(f, f"the trace folder {f.parent.parent} is damaged; capture it again")
+    except ResultsError as exc:
+        raise TraceError(str(exc)) from None
+
+
 def _chunk_files(out: Path) -> list[Path]:
     return sorted((out / "steps").glob("*.npz"))
 
@@ -335,8 +342,7 @@ def _resume_tokens(out: Path, manifest: dict[str, Any], use_cache: bool) -> list
         if start >= done:
             f.unlink()  # written after the last consistent manifest
             continue
-        with np.load(f) as z:
-            tokens += z["token"].tolist()
+        tokens += _read_chunk(f)["token"].tolist()
     if len(tokens) != done:
         raise TraceError(f"{out}: manifest says {done} steps but the chunks hold {len(tokens)}: delete the folder")
     if use_cache and done and not (out / "kv_cache.safetensors").is_file():
@@ -346,7 +352,7 @@ def _resume_tokens(out: Path, manifest: dict[str, Any], use_cache: bool) -> list
 
 def _write_tokens(out: Path, handle: ModelHandle, prompt: list[int], tokens: list[int]) -> None:
     tok = handle.tokenizer
-    topk = np.concatenate([np.load(f)["topk_ids"] for f in _chunk_files(out)])
+    topk = np.concatenate([_read_chunk(f)["topk_ids"] for f in _chunk_files(out)])
     write_json(out / "tokens.json", {
         "prompt_ids": prompt, "generated_ids": tokens,
         "generated_text": [tok.decode([t]) for t in tokens],
@@ -382,9 +388,8 @@ class Trace:
         if self._arrays is None:
             parts: dict[str, list[np.ndarray]] = {}
             for f in _chunk_files(self.path):
-                with np.load(f) as z:
-                    for k in z.files:
-                        parts.setdefault(k, []).append(z[k])
+                for k, v in _read_chunk(f).items():
+                    parts.setdefault(k, []).append(v)
             arrays = {k: np.concatenate(v) for k, v in parts.items()}
             n = self.manifest["steps_done"]
             if not arrays or any(len(v) != n for v in arrays.values()):

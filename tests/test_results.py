@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import subprocess
 import time
 
@@ -247,6 +248,11 @@ def test_resume_same_params_and_model(root, models):
     first = start_run(EXP, params, model=a)
     first.save("ray0", {"s": np.array([1.5e-7], dtype=np.float32)})
     first.save_arrays("partial_data", x=np.ones(3))
+    busy = start_run(EXP, params, model=a)  # the first run's process still writes it: not shared
+    assert not busy.resumed and busy.run_id != first.run_id
+    busy.release()
+    shutil.rmtree(busy.partial_path)
+    first.release()  # the process that wrote it is gone (an interruption)
     again = start_run(EXP, dict(reversed(list(params.items()))), model=a)  # key order does not matter
     assert again.resumed and again.run_id == first.run_id and again.partial_path == first.partial_path
     assert again.load("ray0")["s"].tolist() == [np.float32(1.5e-7)]
@@ -286,4 +292,4 @@ def test_failed_write_leaves_no_file(root):
     with pytest.raises(TypeError, match="not JSON serialisable"):
         run.save_json("j", {"x": object()})
     assert not (run.partial_path / "j.json").exists()
-    assert [p.name for p in run.partial_path.iterdir() if p.name.startswith(".")] == []
+    assert [p.name for p in run.partial_path.iterdir() if p.name.startswith(".")] == [results.LOCK]  # no temp file
