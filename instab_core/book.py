@@ -187,6 +187,7 @@ def run_notebook(
     out_dir = Path(out_dir) if out_dir is not None else root / EXPERIMENTS_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / src.name
+    lock = _lock_output(out)  # a concurrent run of the same notebook into the same folder waits here
     # Same directory as the output so os.replace is atomic; the name is gitignored (*.ipynb).
     fd, tmp_name = tempfile.mkstemp(prefix=f".{src.stem}.", suffix=".tmp.ipynb", dir=out_dir)
     os.close(fd)
@@ -230,6 +231,7 @@ def run_notebook(
         else:
             tmp.unlink(missing_ok=True)
             out.unlink(missing_ok=True)  # no output at all: never leave a stale page from an older run
+        lock.close()
     return NotebookRun(
         name=key,
         executed=out,
@@ -238,6 +240,20 @@ def run_notebook(
         error=error,
         seconds=seconds,
     )
+
+
+def _lock_output(out: Path) -> Any:
+    """Hold ``.<name>.lock`` beside ``out`` (an open file; closing it releases), waiting while another process
+    writes the same executed notebook."""
+    import fcntl
+
+    fh = open(out.with_name(f".{out.stem}.lock"), "a")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print(f"waiting: another run is writing {out}", file=sys.stderr, flush=True)
+        fcntl.flock(fh, fcntl.LOCK_EX)
+    return fh
 
 
 def _inspect_executed(name: str, path: Path) -> NotebookRun:

@@ -154,6 +154,7 @@ def first_output_change(
                 f"on {audit_result.device} a row's output depends on its position or companions inside a batch of "
                 f"{probe.batch_size} (max |Δ| {audit_result.position_max_abs_diff:.3g}); batched bitwise boundaries "
                 "would be wrong: use semantics='batch1'")
+    _check_reachable(probe.x0.float(), D, float(s_max), mode)
     rows_before = probe.rows_evaluated
     kernel = _exact_block if method == "exact" else _bisect_block
     params = dict(s_max=float(s_max), mode=mode, threshold=float(threshold), method=method, semantics=semantics,
@@ -177,6 +178,17 @@ def first_output_change(
     merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     return BoundaryResult(**merged, rows=probe.rows_evaluated - rows_before, params=params,
                           audit=audit_result.as_dict() if audit_result else None)
+
+
+def _check_reachable(x0: torch.Tensor, D: torch.Tensor, s_max: float, mode: fp.Mode) -> None:
+    """Refuse an ``s_max`` below every ray's first input change: each ray would be "stable" only because
+    fl32(x0 + s·d) never moves, which says nothing about the model."""
+    if torch.isfinite(fp.next_breakpoints(x0, D, torch.zeros(D.shape[0], device=D.device), s_max, mode)).any():
+        return
+    first = fp.next_breakpoints(x0, D, torch.zeros(D.shape[0], device=D.device), float(np.finfo(np.float32).max),
+                                mode).min()
+    raise ValueError(f"s_max={s_max:g} is below the smallest scale at which the float32 input fl32(x0 + s·d) "
+                     f"changes on any ray ({float(first):.3g}): every ray would look stable; raise s_max")
 
 
 def _finish(probe: Probe, D: torch.Tensor, x0: torch.Tensor, s_in: torch.Tensor, s_out: torch.Tensor,

@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except (ValueError, FileNotFoundError) as exc:
-        print(f"instab: {exc}", file=sys.stderr)
+        print(f"instab: {' '.join(str(exc).split())}", file=sys.stderr)  # one line, whatever the message
         return 2
 
 

@@ -409,10 +409,17 @@ def load_config(path: str | Path) -> LinearityConfig:
         if not isinstance(raw["analysis"], dict):
             raise ValueError(f"config key 'analysis' must be a mapping, got {raw['analysis']!r}")
         merged.update(raw["analysis"])
+    if "model_name_or_path" in merged and "model" not in merged:  # the key of an SFT config (the seed's)
+        merged["model"] = merged.pop("model_name_or_path")
     unknown = sorted(set(merged) - set(_KEY_TYPES))
     if unknown:
         warnings.warn(f"{path}: ignoring unknown config keys {unknown}", stacklevel=2)
     values = {k: _coerce(k, v) for k, v in merged.items() if k in _KEY_TYPES}
+    if "model" not in values:
+        raise ValueError(f"{path}: missing required config key 'model' (a bundled name such as tiny-llama, or a "
+                         "local Hugging Face directory)")
+    if "prompts" not in values and not values.get("prompts_file"):
+        raise ValueError(f"{path}: missing required config key 'prompts' (a list of prompts) or 'prompts_file'")
     cfg = LinearityConfig(**values)
     if cfg.prompts_file:
         pf = Path(cfg.prompts_file)

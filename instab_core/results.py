@@ -18,6 +18,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -311,7 +312,7 @@ def start_run(experiment: str, params: dict[str, Any], model: Any = None, probe:
                 continue
             lock = _try_lock(cand)
             if lock is None:
-                print(f"not resuming {cand}: another process is writing it; starting a new run")
+                print(f"not resuming {cand}: another process is writing it; starting a new run", file=sys.stderr)
                 continue
             run_id = cand.name[: -len(PARTIAL)]
             print(f"resuming interrupted run {cand}")

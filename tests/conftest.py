@@ -54,8 +54,13 @@ def scratch_checkout(dest: Path, src: Path = REPO) -> Path:
 
     Builds and notebook runs in tests use such a copy, so ``make test`` never replaces the user's book.
     """
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=src,
-                            capture_output=True, text=True, check=True).stdout.split("\0")
+    if (src / ".git").exists():
+        listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=src,
+                                capture_output=True, text=True, check=True).stdout.split("\0")
+    else:  # a copy made by this function
+        skip = (".venv", ".git", "__pycache__")
+        listed = [str(p.relative_to(src)) for p in src.rglob("*")
+                  if p.is_file() and not set(p.relative_to(src).parts) & set(skip)]
     files = [f for f in listed if f and not f.startswith(tuple(a + "/" for a in USER_AREAS))]
     mathjax = src / "book" / "_static" / "mathjax"
     files += [str(p.relative_to(src)) for p in mathjax.rglob("*") if p.is_file()] if mathjax.is_dir() else []

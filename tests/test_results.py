@@ -6,6 +6,7 @@ import hashlib
 import json
 import shutil
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -293,3 +294,145 @@ def test_failed_write_leaves_no_file(root):
         run.save_json("j", {"x": object()})
     assert not (run.partial_path / "j.json").exists()
     assert [p.name for p in run.partial_path.iterdir() if p.name.startswith(".")] == [results.LOCK]  # no temp file
+
+
+# --- damaged data is named, damaged checkpoints are recomputed, concurrent runs never share a folder ----------
+
+def _finished_run(rng: np.random.Generator) -> tuple[results.LoadedRun, np.ndarray]:
+    run = start_run(EXP, {"i": int(rng.integers(1 << 30))})
+    S = rng.standard_normal(16).astype(np.float32)
+    run.save_arrays("directions", S=S)
+    run.save_table("t", pd.DataFrame({"x": S}))
+    return load_run(run.finish(), EXP), S
+
+
+def test_load_run_refuses_a_file_changed_after_the_run(root):
+    """A valid npz whose values changed (the seed's S scaled by 10) no longer matches the manifest's hash."""
+    done, S = _finished_run(np.random.default_rng(SESSION_SEED))
+    f = done.path / "directions.npz"
+    with open(f, "wb") as fh:
+        np.savez(fh, S=S * 10)
+    with pytest.raises(ResultsError, match=r"directions\.npz does not match the hash its manifest recorded.*re-run"):
+        load_run(done.path, EXP)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "empty", "delete"])
+def test_load_run_names_a_damaged_file(root, damage):
+    done, _ = _finished_run(np.random.default_rng(SESSION_SEED + 1))
+    f = done.path / "directions.npz"
+    if damage == "delete":
+        f.unlink()
+    else:
+        f.write_bytes(f.read_bytes()[: 40 if damage == "truncate" else 0])
+    with pytest.raises(ResultsError, match=r"directions\.npz (is missing|does not match).*re-run exp99"):
+        load_run(done.path, EXP)
+    manifest = json.loads((done.path / "manifest.json").read_text())
+    manifest["files"].pop("directions.npz")  # without the hash to catch it, the read itself names the file
+    (done.path / "manifest.json").write_text(json.dumps(manifest))
+    if damage != "delete":
+        with pytest.raises(ResultsError, match=r"directions\.npz is damaged or truncated.*re-run exp99"):
+            load_run(done.path, EXP).arrays("directions")
+
+
+def test_load_run_names_a_truncated_manifest(root):
+    done, _ = _finished_run(np.random.default_rng(SESSION_SEED + 2))
+    mf = done.path / "manifest.json"
+    mf.write_text(mf.read_text()[:50])
+    with pytest.raises(ResultsError, match=r"manifest\.json is damaged or truncated"):
+        load_run(done.path, EXP)
+    with pytest.raises(ResultsError, match=r"manifest\.json is damaged or truncated"):
+        load_run("latest", EXP)  # never a silent fall back to an older run
+
+
+def _damage_checkpoint(run: results.Run, key: str, how: str, rng: np.random.Generator) -> None:
+    f = run.partial_path / "checkpoints" / f"{key}.npz"
+    if how == "truncated":
+        f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])
+    elif how == "zero bytes":
+        f.write_bytes(b"")
+    elif how == "right shapes, wrong values":
+        with np.load(f) as z:
+            arrays = {k: z[k] for k in z.files}
+        with open(f, "wb") as fh:
+            np.savez(fh, **{k: (v * 0 if v.dtype.kind == "f" else v) for k, v in arrays.items()})
+    elif how == "no sidecar":
+        (run.partial_path / "checkpoints" / f"{key}.check.json").unlink()
+    elif how == "garbage sidecar":
+        (run.partial_path / "checkpoints" / f"{key}.check.json").write_text("{")
+
+
+DAMAGES = ["truncated", "zero bytes", "right shapes, wrong values", "no sidecar", "garbage sidecar"]
+
+
+@pytest.mark.parametrize("how", DAMAGES)
+def test_damaged_checkpoint_is_discarded_with_a_warning(root, how):
+    rng = np.random.default_rng(SESSION_SEED)
+    run = start_run(EXP, {"ckpt": how})
+    good = {"s": rng.standard_normal(7).astype(np.float32), "n": np.arange(7)}
+    run.save("block-0", good)
+    run.save("block-1", good)
+    _damage_checkpoint(run, "block-0", how, rng)
+    run.release()  # the interrupted process is gone
+    again = start_run(EXP, {"ckpt": how})
+    assert again.resumed
+    with pytest.warns(UserWarning, match=r"discarding damaged checkpoint .*block-0\.npz.*recomputing"):
+        assert again.load("block-0") is None
+    assert not (again.partial_path / "checkpoints" / "block-0.npz").exists()
+    kept = again.load("block-1")  # the undamaged one is still used
+    assert kept is not None and all(np.array_equal(kept[k], good[k]) for k in good)
+
+
+@pytest.mark.parametrize("how", ["truncated", "zero bytes", "right shapes, wrong values"])
+def test_boundary_resume_recomputes_a_damaged_block_to_the_same_answer(root, how, tmp_path):
+    """An interrupted exp12-style run whose first block checkpoint was damaged resumes to the uninterrupted answer."""
+    h = ic.load_model(random_model_dir(tmp_path / "m", "llama", seed=SESSION_SEED))
+    probe = ic.Probe(h, "The capital of France is", batch_size=8)
+    rng = np.random.default_rng(SESSION_SEED)
+    D = torch.from_numpy(rng.standard_normal((6, probe.d)).astype(np.float32))
+    D = D / D.norm(dim=1, keepdim=True)
+    kw = dict(s_max=1e-5, ray_block=3, progress=False, audit=False)
+    plain = ic.boundary.first_output_change(probe, D, **kw)
+    run = start_run(EXP, {"boundary": how})
+    ic.boundary.first_output_change(probe, D, checkpoint=run, **kw)
+    key = next(p.stem for p in sorted((run.partial_path / "checkpoints").glob("*.npz")))
+    _damage_checkpoint(run, key, how, rng)
+    run.release()
+    again = start_run(EXP, {"boundary": how})
+    with pytest.warns(UserWarning, match="discarding damaged checkpoint"):
+        resumed = ic.boundary.first_output_change(probe, D, checkpoint=again, **kw)
+    for k, v in plain.arrays().items():
+        np.testing.assert_array_equal(resumed.arrays()[k], v)
+
+
+def test_damaged_run_json_does_not_block_other_runs(root):
+    """A truncated run.json in an interrupted folder is skipped with a warning; runs with any parameters proceed."""
+    run = start_run(EXP, {"a": 1})
+    (run.partial_path / "run.json").write_text('{"params_hash": "ab')
+    run.release()
+    for params in ({"a": 1}, {"a": 2}):
+        with pytest.warns(UserWarning, match=r"ignoring the interrupted run .*run\.json is damaged"):
+            fresh = start_run(EXP, params)
+        assert not fresh.resumed and fresh.finish().is_dir()
+
+
+_CONCURRENT = """
+import sys, time
+from instab_core.results import start_run
+run = start_run("exp99", {"same": True})
+print(run.run_id, run.resumed, flush=True)
+time.sleep(float(sys.argv[1]))
+run.finish()
+"""
+
+
+def test_concurrent_runs_with_the_same_parameters_get_their_own_folders(root, tmp_path):
+    """Two processes started at once with the same parameters (one even finding the other's .partial) never share it."""
+    first = start_run(EXP, {"same": True})  # an interrupted-looking folder, but its writer is alive
+    procs = [subprocess.Popen([sys.executable, "-c", _CONCURRENT, "1.5"], stdout=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=120)[0].splitlines()[-1].split() for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    ids = {o[0] for o in outs}
+    assert len(ids) == 2 and first.run_id not in ids and all(o[1] == "False" for o in outs)
+    assert first.finish().is_dir()
+    assert len(results._complete_runs(root / EXP)) == 3
