@@ -28,7 +28,7 @@ import torch
 
 from . import fp
 from .numerics import BatchAudit, batch_invariance_audit
-from .probe import Probe
+from .probe import Probe, run_until
 
 Method = Literal["exact", "bisect"]
 Semantics = Literal["batched", "batch1"]
@@ -44,6 +44,90 @@ class Checkpoint(Protocol):
 
 class BatchVarianceError(RuntimeError):
     """Rows inside the fixed batch depend on their position or companions: batched bitwise results would be invalid."""
+
+
+class PrefixCachedProbe(Probe):
+    """A last-token probe evaluated against a KV cache of its prompt prefix (``prefix_cache=True``).
+
+    When the perturbed token is the last one (position L−1), the prefix E[:L−1] is the same for
+    every row. It is run once, at batch size 1, with the KV cache on; every forward of n rows is
+    then a forward of inputs_embeds [n, 1, d] at position L−1 whose attention reads the prefix's
+    keys and values (the same bits for every row, broadcast to n). ``reference`` is f(x0) computed
+    the same way in the same batch shape, so bitwise comparisons stay within one semantics.
+
+    Relation to the full-sequence semantics (:class:`Probe`, the default): the same function in
+    exact arithmetic, a different float32 computation. The last token's projections run as an
+    [n, d] matmul instead of [n·L, d], its attention over one [1, L] row instead of an [L, L]
+    masked matrix, and the prefix at batch size 1 instead of inside every batch. Outputs agree to
+    rounding, not bitwise, so boundaries (s_out) of the two semantics can differ and are reported
+    side by side, never mixed. Only ``forward``/``f_batch``/``f`` are cached; ``embeds`` is the
+    full sequence as in :class:`Probe`.
+
+    Cost: 1 token-forward per row instead of L, plus the prefix once.
+    """
+
+    def __init__(self, handle: Any, text: str, position: int = -1, target: str = "final_hidden",
+                 batch_size: int = 64) -> None:
+        self._kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.prefix_tokens_run = 0
+        super().__init__(handle, text, position, target, batch_size)
+
+    @classmethod
+    def of(cls, probe: Probe) -> "PrefixCachedProbe":
+        """The prefix-cached version of ``probe`` (same prompt, position, target and batch size)."""
+        return cls(probe.handle, probe.text, probe.position, str(probe.target), probe.batch_size)
+
+    def _prefix(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        if self._kv is None:
+            L = int(self.ids.shape[0])
+            if self.position != L - 1:
+                raise ValueError(f"prefix_cache needs the perturbed token to be the last one (position {L - 1}); "
+                                 f"got position {self.position}")
+            if L < 2:
+                raise ValueError("prefix_cache needs a prompt of at least 2 tokens (the prefix is empty)")
+            with torch.no_grad():
+                out = self.handle.base(inputs_embeds=self.E[None, :L - 1], use_cache=True)
+            cache = out.cache
+            self._kv = [(layer.keys.detach(), layer.values.detach()) for layer in cache.layers]
+            self.prefix_tokens_run += L - 1
+        return self._kv
+
+    def cache_for(self, n: int) -> Any:
+        """A fresh DynamicCache holding the prefix's keys/values for ``n`` rows (the rows share the bits)."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.handle.model.config)
+        for i, (k, v) in enumerate(self._prefix()):
+            cache.update(k.expand(n, *k.shape[1:]), v.expand(n, *v.shape[1:]), i)
+        return cache
+
+    def f_batch(self, X: torch.Tensor) -> torch.Tensor:
+        """f for X [n, d]: the last token alone at position L−1 against the prefix cache; returns [n, m]."""
+        h, tgt = self.handle, self.target
+        emb = X.to(device=self.x0.device, dtype=self.dtype)[:, None, :]
+        kw = {"cache": self.cache_for(emb.shape[0]), "use_cache": True}
+        if tgt.kind in ("final_hidden", "logits"):
+            full = run_until(h, emb, h.final_norm, **kw)
+        elif tgt.kind == "pre_norm":
+            full = run_until(h, emb, h.final_norm, take="input", **kw)
+        else:
+            full = run_until(h, emb, h.layers[tgt.layer], **kw)
+        out = full[:, 0, :]
+        if tgt.kind == "logits":
+            out = h.unembed(out)
+        return out
+
+    def with_batch_size(self, batch_size: int) -> "PrefixCachedProbe":
+        return PrefixCachedProbe(self.handle, self.text, self.position, str(self.target), batch_size)
+
+    @property
+    def tokens_per_row(self) -> int:
+        return 1
+
+
+def prefix_cached(probe: Probe) -> PrefixCachedProbe:
+    """``probe`` under the prefix-cache semantics (returned as is if it already is one)."""
+    return probe if isinstance(probe, PrefixCachedProbe) else PrefixCachedProbe.of(probe)
 
 
 @dataclass
@@ -122,6 +206,7 @@ def first_output_change(
     checkpoint: Checkpoint | None = None,
     progress: bool = True,
     audit: bool = True,
+    prefix_cache: bool = False,
 ) -> BoundaryResult:
     """The first output change along each ray x0 + s·d, 0 < s ≤ s_max.
 
@@ -136,8 +221,15 @@ def first_output_change(
     the bundled models.
     Rays are processed in blocks of ``ray_block``; with a ``checkpoint`` each finished block is
     saved and found again on resume.
+    ``prefix_cache``: evaluate the (last) token against a KV cache of the prompt prefix, the
+    reference too (:class:`PrefixCachedProbe`): one token-forward per row instead of L. A different
+    float32 computation from the default full-sequence semantics (see that class); off by default.
+    A probe that already is a :class:`PrefixCachedProbe` is used as is.
     """
     D = _check_inputs(probe, directions, s_max, threshold)
+    if prefix_cache:
+        probe = prefix_cached(probe)
+    cached = isinstance(probe, PrefixCachedProbe)
     if semantics == "batch1":
         probe = probe.with_batch_size(1)
     elif semantics != "batched":
@@ -158,7 +250,8 @@ def first_output_change(
     rows_before = probe.rows_evaluated
     kernel = _exact_block if method == "exact" else _bisect_block
     params = dict(s_max=float(s_max), mode=mode, threshold=float(threshold), method=method, semantics=semantics,
-                  chunk=chunk, max_states=max_states, batch_size=probe.batch_size)
+                  chunk=chunk, max_states=max_states, batch_size=probe.batch_size, prefix_cache=cached,
+                  tokens_per_row=1 if cached else (int(probe.ids.shape[0]) if hasattr(probe, "ids") else None))
     R = D.shape[0]
     blocks = range(0, R, ray_block)
     if progress:
@@ -166,7 +259,7 @@ def first_output_change(
         blocks = tqdm(blocks, desc=f"boundary ({method})", unit="block", total=len(blocks))
     parts: list[dict[str, np.ndarray]] = []
     for start in blocks:
-        key = f"boundary-{method}-{semantics}-{start}"
+        key = f"boundary-{method}-{semantics}{'-prefix' if cached else ''}-{start}"
         saved = checkpoint.load(key) if checkpoint is not None else None
         if saved is None:
             part = kernel(probe, D[start:start + ray_block], float(s_max), mode, threshold, chunk, max_states)

@@ -27,9 +27,11 @@ class _Stop(Exception):
     """Raised by a capture hook once the target is computed, to skip the rest of the network."""
 
 
-def run_until(handle: ModelHandle, emb: torch.Tensor, module: torch.nn.Module, take: str = "output") -> torch.Tensor:
+def run_until(handle: ModelHandle, emb: torch.Tensor, module: torch.nn.Module, take: str = "output",
+              **forward_kwargs: Any) -> torch.Tensor:
     """Run the base model on inputs_embeds ``emb`` [n, L, d] only as far as ``module``; return its
-    output (``take="output"``, the first element of a tuple) or its first input (``take="input"``)."""
+    output (``take="output"``, the first element of a tuple) or its first input (``take="input"``).
+    ``forward_kwargs`` go to the base model (e.g. ``past_key_values``; default ``use_cache=False``)."""
     captured: dict[str, torch.Tensor] = {}
 
     def grab(tensor: torch.Tensor) -> None:
@@ -43,7 +45,7 @@ def run_until(handle: ModelHandle, emb: torch.Tensor, module: torch.nn.Module, t
     else:
         raise ValueError(f"take must be 'output' or 'input', got {take!r}")
     try:
-        handle.base(inputs_embeds=emb, use_cache=False)
+        handle.base(inputs_embeds=emb, **{"use_cache": False, **forward_kwargs})
     except _Stop:
         pass
     finally:

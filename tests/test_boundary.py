@@ -250,3 +250,89 @@ def test_crossing_distances_verify_and_match_a_dense_jacobian(handle):
         dx = fp.perturb(probe.x0, torch.tensor(res.s_out[r]), D[r], "fp32").double() - probe.x0.double()
         assert table.linear_response[r] == pytest.approx(float((J @ dx).norm()), rel=1e-4)
         assert table.emb_l2[r] == pytest.approx(float(dx.norm()), rel=1e-12)
+
+
+# --- prefix_cache: the last token against a KV cache of the prompt prefix -------------------------
+
+def direct_cached(handle, probe: ic.Probe, X: np.ndarray) -> np.ndarray:
+    """Oracle for the prefix-cache semantics, written with Hugging Face's own API only: the prefix run
+    once at batch 1 with ``use_cache``, its cache repeated to ``batch_size`` rows, then each padded
+    chunk of rows as the last token (final hidden state = HF ``hidden_states[-1]``, after the final norm)."""
+    ids = probe.ids
+    b = probe.batch_size
+    rows = torch.as_tensor(X, dtype=torch.float32)
+    out = []
+    with torch.no_grad():
+        for start in range(0, rows.shape[0], b):
+            chunk = rows[start:start + b]
+            k = chunk.shape[0]
+            chunk = torch.cat([chunk, probe.x0.expand(b - k, -1)]) if k < b else chunk
+            prefix = handle.model(input_ids=ids[None, :-1], use_cache=True)
+            cache = prefix.cache
+            cache.batch_repeat_interleave(b)
+            res = handle.model(inputs_embeds=chunk[:, None, :], cache=cache, use_cache=True,
+                               output_hidden_states=True)
+            out.append(res.hidden_states[-1][:k, 0].numpy())
+    return np.concatenate(out)
+
+
+def test_prefix_cached_forward_equals_a_direct_cached_evaluation(handle):
+    probe = ic.Probe(handle, PROMPT, batch_size=8)
+    cached = boundary.prefix_cached(probe)
+    gen = torch.Generator().manual_seed(SESSION_SEED)
+    X = probe.x0 + 1e-3 * torch.randn(11, probe.d, generator=gen)
+    want = direct_cached(handle, probe, X.numpy())
+    got = cached.forward(X).numpy()
+    np.testing.assert_array_equal(got.view(np.int32), want.view(np.int32))
+    ref = direct_cached(handle, probe, probe.x0[None].numpy())[0]
+    np.testing.assert_array_equal(cached.reference.numpy().view(np.int32), ref.view(np.int32))
+    # Relation to the full-sequence semantics: the same function, agreeing to rounding (not bitwise).
+    full = probe.forward(X).double()
+    scale = full.abs().max()
+    assert ((cached.forward(X).double() - full).abs().max() / scale) < 1e-5
+    # Every target is the last position's tensor, as in the full-sequence probe.
+    for target in ("logits", "pre_norm", "layer_out[0]"):
+        p = ic.Probe(handle, PROMPT, target=target, batch_size=4)
+        c = boundary.prefix_cached(p)
+        assert c.reference.shape == p.reference.shape
+        assert ((c.reference.double() - p.reference.double()).abs().max() / p.reference.abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize("mode", ["fp32", "fp64"])
+def test_prefix_cache_boundary_matches_brute_force_of_the_direct_evaluation(handle, mode):
+    probe = ic.Probe(handle, PROMPT, batch_size=8)
+    ref = direct_cached(handle, probe, probe.x0[None].numpy())[0]
+    D = _directions(probe, 4, SESSION_SEED + 7)
+    x0 = probe.x0.float().numpy()
+    for r, d in enumerate(D):
+        s_max = short_s_max(probe, d, mode)
+        bps = ray_breakpoints(x0, d, s_max, mode, limit=100_000)
+        X = np.stack([np.array([g(xi, s, di, mode) for xi, di in zip(x0, d)]) for s in bps])
+        k = first_change_scan(direct_cached(handle, probe, X), ref, 0.0)
+        res = boundary.first_output_change(probe, torch.from_numpy(d), s_max, mode=mode, prefix_cache=True,
+                                           progress=False)
+        assert res.params["prefix_cache"] and res.params["tokens_per_row"] == 1
+        if k < 0:
+            assert res.status[0] == "stable" and res.absorbed[0] == len(bps)
+            continue
+        assert res.status[0] == "found" and res.s_out[0] == bps[k], f"ray {r}"
+        assert res.absorbed[0] == k
+
+
+def test_prefix_cache_needs_the_last_token(handle):
+    probe = ic.Probe(handle, PROMPT, position=2, batch_size=4)
+    with pytest.raises(ValueError, match="last one"):
+        boundary.first_output_change(probe, torch.ones(1, probe.d) / probe.d ** 0.5, 1e-6, prefix_cache=True,
+                                     progress=False)
+
+
+def test_prefix_cache_batch1_and_the_cached_probe_reused(handle):
+    probe = ic.Probe(handle, PROMPT, batch_size=8)
+    cached = boundary.prefix_cached(probe)
+    D = torch.from_numpy(_directions(probe, 3, SESSION_SEED + 8))
+    a = boundary.first_output_change(probe, D, 1e-6, prefix_cache=True, progress=False)
+    b = boundary.first_output_change(cached, D, 1e-6, progress=False)
+    np.testing.assert_array_equal(a.s_out, b.s_out)
+    c = boundary.first_output_change(cached, D, 1e-6, semantics="batch1", progress=False)
+    assert c.params["batch_size"] == 1 and c.params["prefix_cache"]
+    assert isinstance(cached.with_batch_size(1), boundary.PrefixCachedProbe)
