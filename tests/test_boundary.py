@@ -200,6 +200,7 @@ def test_interrupted_run_resumes_from_checkpoint(handle, tmp_path):
 
     with pytest.raises(Interrupt):
         boundary.first_output_change(probe, D, 1e-6, ray_block=4, checkpoint=FailingSecondSave(), progress=False)
+    run.release()  # the interrupted process is gone
     again = start_run("test-boundary", {"rays": 8}, model=handle, root=tmp_path)
     assert again.resumed and again.partial_path == run.partial_path
     resumed = boundary.first_output_change(probe, D, 1e-6, ray_block=4, checkpoint=again, progress=False)

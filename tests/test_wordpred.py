@@ -226,6 +226,7 @@ def test_resume_after_interruption_gives_the_same_result(handle, tmp_path, conte
     run = ic.results.start_run("wordpred_test", params, model=handle, root=tmp_path)
     with pytest.raises(_Interrupt):
         wp.predict_words(handle, text, context=context, chunk=6, run=_InterruptingRun(run, 2), progress=False)
+    run.release()  # the interrupted process is gone
     again = ic.results.start_run("wordpred_test", params, model=handle, root=tmp_path)
     assert again.resumed and again.run_id == run.run_id
     res = wp.predict_words(handle, text, context=context, chunk=6, run=again, progress=False)
