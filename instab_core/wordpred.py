@@ -244,16 +244,18 @@ class Tokenized:
         return hashlib.sha256(self.ids.astype(np.int64).tobytes()).hexdigest()
 
 
-def tokenize_words(tokenizer: Any, words: Words) -> Tokenized:
-    """Tokenise ``words.text`` once with offsets and give each word its token span (see the module docstring)."""
+BLOCK_WORDS = 100_000  # words per tokenizer call (bounds the tokenizer's memory on long documents)
+
+
+def tokenize_words(tokenizer: Any, words: Words, block_words: int = BLOCK_WORDS) -> Tokenized:
+    """Tokenise ``words.text`` with offsets and give each word its token span (see the module docstring).
+
+    Documents longer than ``block_words`` words are tokenised in blocks cut before a word's space, and every cut is
+    checked to give the same ids as one call across it."""
     if not getattr(tokenizer, "is_fast", False):
         raise DocumentError("word-by-word prediction needs a fast tokenizer (character offsets); "
                             f"{type(tokenizer).__name__} has none")
-    # split_special_tokens: a literal "<s>" in a document is text, not the BOS token
-    enc = tokenizer(words.text, return_offsets_mapping=True, add_special_tokens=True, verbose=False,
-                    split_special_tokens=True)
-    ids = np.asarray(enc["input_ids"], dtype=np.int64)
-    offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+    ids, offsets = _encode_in_blocks(tokenizer, words, block_words)
     special = set(getattr(tokenizer, "all_special_ids", []))
     prefix = 0
     while prefix < len(ids) and int(ids[prefix]) in special and tuple(offsets[prefix]) == (0, 0):
@@ -279,7 +281,64 @@ def tokenize_words(tokenizer: Any, words: Words) -> Tokenized:
         i = int(np.flatnonzero(offsets[a, 0] < span_start)[0])
         raise DocumentError(f"a token straddles words {i - 1} and {i} ({words.words[i - 1]!r}, {words.words[i]!r}); "
                             "word-level predictions need token boundaries at word boundaries")
-    return Tokenized(words=words, ids=ids, offsets=offsets, prefix=prefix, spans=np.stack([a, b], axis=1))
+    tok = Tokenized(words=words, ids=ids, offsets=offsets, prefix=prefix, spans=np.stack([a, b], axis=1))
+    _check_seams(tokenizer, tok, block_words)
+    return tok
+
+
+def _encode(tokenizer: Any, text: str, special: bool) -> tuple[np.ndarray, np.ndarray]:
+    # split_special_tokens: a literal "<s>" in a document is text, not the BOS token
+    enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=special, verbose=False,
+                    split_special_tokens=True)
+    return (np.asarray(enc["input_ids"], dtype=np.int64),
+            np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2))
+
+
+def _block_text_start(words: Words, i: int) -> int:
+    """Where a block starting at word i begins in the text: at the space that belongs to word i."""
+    return 0 if i == 0 else int(words.starts[i]) - 1
+
+
+def _encode_in_blocks(tokenizer: Any, words: Words, block_words: int) -> tuple[np.ndarray, np.ndarray]:
+    """The text tokenised in blocks of ``block_words`` words cut before a word's space (memory bounded by a block:
+    one call on a 50 MB text took 9.4 GB), the special prefix from the first block only."""
+    n = len(words.words)
+    cuts = list(range(0, n, block_words))
+    bar = None
+    if len(cuts) > 1:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(cuts), desc="tokenising", unit="block")
+    all_ids, all_offsets = [], []
+    for k, i in enumerate(cuts):
+        j = min(n, i + block_words)
+        lo, hi = _block_text_start(words, i), int(words.ends[j - 1])
+        ids, offsets = _encode(tokenizer, words.text[lo:hi], special=k == 0)
+        if k > 0:
+            offsets = offsets + lo
+        all_ids.append(ids)
+        all_offsets.append(offsets)
+        if bar is not None:
+            bar.update()
+    if bar is not None:
+        bar.close()
+    return np.concatenate(all_ids), np.concatenate(all_offsets)
+
+
+SEAM_WORDS = 16  # words each side of a block boundary re-tokenised in one piece to prove the cut changed nothing
+
+
+def _check_seams(tokenizer: Any, tok: Tokenized, block_words: int) -> None:
+    """Blocks are only valid where tokenising across a cut gives the same ids as tokenising each side; prove it at
+    every cut (a tokenizer whose tokens depend on text beyond the word boundary is refused)."""
+    words = tok.words
+    for i in range(block_words, len(words.words), block_words):
+        a, b = max(0, i - SEAM_WORDS), min(len(words.words), i + SEAM_WORDS)
+        lo, hi = _block_text_start(words, a), int(words.ends[b - 1])
+        ids, _ = _encode(tokenizer, words.text[lo:hi], special=False)
+        if not np.array_equal(ids, tok.ids[tok.spans[a, 0]:tok.spans[b - 1, 1]]):
+            raise DocumentError(f"this tokenizer tokenises words {a}..{b - 1} differently when the text is cut before "
+                                f"word {i}, so a document of {len(words.words)} words cannot be tokenised in blocks: "
+                                f"pass max_words <= {block_words}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,7 +27,8 @@ from randmodels import random_model_dir
 
 
 def _one_line(text: str) -> str:
-    lines = [ln for ln in text.splitlines() if ln.strip()]
+    """The one message line of ``text``; papermill's progress bar ("Executing: …", redrawn with \r) is not a message."""
+    lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("Executing:")]
     assert "Traceback" not in text, text
     assert len(lines) == 1, f"expected one line, got {len(lines)}:\n{text}"
     return lines[0]

@@ -157,6 +157,41 @@ def test_word_spans_decode_to_the_words():
     assert (tok.spans[:, 1] - tok.spans[:, 0] > 1).any()
 
 
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-gpt2"])
+def test_tokenising_in_blocks_equals_one_call(model):
+    """Long documents are tokenised in blocks of words; on random word sequences (block sizes 1..50) the ids, offsets
+    and spans equal those of one call on the whole text."""
+    h = ic.load_model(model)
+    vocab = wp.split_words(wp.SAMPLE_TEXT.read_text(encoding="utf-8")).words
+    words = wp.split_words(" ".join(RNG.choice(vocab, size=400)))
+    whole = wp.tokenize_words(h.tokenizer, words, block_words=len(words.words))
+    for block in (1, 7, 50):
+        parts = wp.tokenize_words(h.tokenizer, words, block_words=block)
+        np.testing.assert_array_equal(parts.ids, whole.ids)
+        np.testing.assert_array_equal(parts.offsets, whole.offsets)
+        np.testing.assert_array_equal(parts.spans, whole.spans)
+
+
+def test_a_tokenizer_that_reads_across_the_cut_is_refused():
+    """The seam check is not vacuous: a tokenizer whose ids depend on the text before a word fails it."""
+    h = ic.load_model("tiny-llama")
+    tokenizer = h.tokenizer
+
+    class ContextDependent:
+        is_fast = True
+        all_special_ids = tokenizer.all_special_ids
+
+        def __call__(self, text, **kw):
+            enc = tokenizer(text, **kw)
+            if len(text) > 300:  # long inputs (one whole call, or a seam window) get every id shifted
+                enc["input_ids"] = [i if i in self.all_special_ids else (i + 1) % 2048 for i in enc["input_ids"]]
+            return enc
+
+    words = wp.split_words(" ".join(["animals"] * 400))
+    with pytest.raises(wp.DocumentError, match="differently when the text is cut"):
+        wp.tokenize_words(ContextDependent(), words, block_words=40)
+
+
 @pytest.mark.parametrize("context,stride", [(12, 4), (9, 7), (10, 1)])
 def test_window_policy_matches_reforward_in_the_same_window(handle, context, stride):
     """Sliding windows: each target is predicted from BOS + the document tokens [lo, t) of its window, where window
