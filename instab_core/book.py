@@ -167,8 +167,11 @@ def run_notebook(
     out_dir: Path | None = None,
     results_root: Path | None = None,
     progress: bool = True,
+    profile: str = params.DEFAULT_PROFILE,
 ) -> NotebookRun:
     """Execute ``nbs/<stem>.ipynb`` with papermill into ``<out_dir>/<stem>.ipynb`` (default book/experiments).
+
+    ``profile`` names the parameter set ``parameters`` came from; the executed page says so under its title.
 
     The kernel runs with cwd = the repo root and inherits ``INSTAB_RUN_RECORD`` (a temp file where
     the results store appends each finished run folder) and, if given, ``INSTAB_RESULTS``.
@@ -227,6 +230,7 @@ def run_notebook(
         lines = record.read_text().splitlines() if record.exists() else []
         record.unlink(missing_ok=True)
         if tmp.exists() and tmp.stat().st_size > 0:
+            _stamp_profile(tmp, profile, parameters)
             os.replace(tmp, out)
         else:
             tmp.unlink(missing_ok=True)
@@ -240,6 +244,21 @@ def run_notebook(
         error=error,
         seconds=seconds,
     )
+
+
+def _stamp_profile(executed: Path, profile: str, parameters: dict) -> None:
+    """Say under the page's title which parameter profile it ran with (and record it in the metadata)."""
+    nb = nbformat.read(executed, as_version=4)
+    nb.metadata.setdefault("instab", {})["run"] = {"profile": profile, "parameters": parameters}
+    given = ", ".join(f"`{k}={v!r}`" for k, v in parameters.items()) or "none"
+    what = {"default": "its default parameters", "smoke": "the `smoke` profile (small test settings)",
+            "seed": "the `seed` profile (the seed's own sizes)"}.get(profile, f"the `{profile}` profile")
+    cell = nbformat.v4.new_markdown_cell(f"*This page ran with {what}; parameters set: {given}. "
+                                         f"`instab params {_key(executed.name.lstrip('.'))}` lists every parameter "
+                                         "and profile.*")
+    cell.metadata["tags"] = ["instab-profile"]
+    nb.cells.insert(1 if nb.cells and nb.cells[0].cell_type == "markdown" else 0, cell)
+    nbformat.write(nb, executed)
 
 
 def _lock_output(out: Path) -> Any:
@@ -386,8 +405,10 @@ def build_book_report(
     run: bool = True,
     parameters_for: dict[str, dict] | None = None,
     results_root: Path | None = None,
+    profile: str = params.DEFAULT_PROFILE,
 ) -> BookReport:
-    """Execute every notebook (unless ``run=False``), build ``_build/html`` and check the figures."""
+    """Execute every notebook (unless ``run=False``) with its parameter ``profile`` (``parameters_for`` overrides
+    it per notebook), build ``_build/html`` and check the figures."""
     from tqdm.auto import tqdm
 
     root = Path(root or repo_root()).resolve()
@@ -400,9 +421,9 @@ def build_book_report(
     for name in bar:
         bar.set_postfix_str(name)
         if run:
-            runs[name] = run_notebook(
-                name, parameters_for.get(name, {}), root, results_root=results_root, progress=False
-            )
+            values = parameters_for[name] if name in parameters_for else params.profiles(nbs[name]).get(profile, {})
+            runs[name] = run_notebook(name, values, root, results_root=results_root, progress=False,
+                                      profile=profile if name not in parameters_for else "custom")
         else:
             runs[name] = _inspect_executed(name, out_dir / nbs[name].name)
     bar.close()
@@ -482,8 +503,10 @@ def build_book(
     run: bool = True,
     parameters_for: dict[str, dict] | None = None,
     results_root: Path | None = None,
+    profile: str = params.DEFAULT_PROFILE,
 ) -> int:
     """Execute every notebook, build the book, print a summary; 0 when everything passed, else 1."""
-    report = build_book_report(root, run=run, parameters_for=parameters_for, results_root=results_root)
+    report = build_book_report(root, run=run, parameters_for=parameters_for, results_root=results_root,
+                               profile=profile)
     print_summary(report)
     return report.returncode

@@ -52,7 +52,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from . import book
     root = book.repo_root()
     values = _run_parameters(args, root)
-    outcome = book.run_notebook(args.experiment, values, root, results_root=args.results)
+    outcome = book.run_notebook(args.experiment, values, root, results_root=args.results,
+                                profile="smoke" if args.smoke else args.profile)
     if not outcome.ok:
         error = " ".join((outcome.error or "failed").split())
         print(f"instab run {args.experiment} failed: {error} (the partly executed notebook: {outcome.executed})",
@@ -81,10 +82,8 @@ def cmd_params(args: argparse.Namespace) -> int:
 def cmd_book(args: argparse.Namespace) -> int:
     from . import book
     root = book.repo_root()
-    parameters_for = None
-    if args.smoke:
-        parameters_for = {name: book.smoke_parameters(name, root) for name in book.experiments(root)}
-    return book.build_book(root, run=not args.no_run, parameters_for=parameters_for, results_root=args.results)
+    return book.build_book(root, run=not args.no_run, results_root=args.results,
+                           profile="smoke" if args.smoke else args.profile)
 
 
 def cmd_analyze_logits(args: argparse.Namespace) -> int:
@@ -170,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     bk = sub.add_parser("book", help="run every notebook and build the book into _build/html")
     bk.add_argument("--no-run", action="store_true", help="build from the notebooks already executed")
     bk.add_argument("--smoke", action="store_true", help="run every notebook with its smoke-test parameters")
+    bk.add_argument("--profile", default="default", help="run every notebook with this parameter profile "
+                    "(a notebook without it runs with its defaults)")
     bk.add_argument("--results", default=None, help="results root (default: results/ in the checkout)")
     bk.set_defaults(func=cmd_book)
     al = sub.add_parser("analyze-logits", help="logit-linearity radius in parameter space from a YAML config")

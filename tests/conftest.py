@@ -101,8 +101,7 @@ def built_book(tmp_path_factory: pytest.TempPathFactory):
 
     root = scratch_checkout(tmp_path_factory.mktemp("checkout"))
     results = tmp_path_factory.mktemp("results")
-    params = {n: book.smoke_parameters(n, root) for n in book.experiments(root)}
-    report = book.build_book_report(root, run=True, parameters_for=params, results_root=results)
+    report = book.build_book_report(root, run=True, profile="smoke", results_root=results)
     book.print_summary(report)  # shown with pytest -s or on failure
     return report
 

@@ -127,3 +127,16 @@ def test_experiment_page_renders_offline(built_book, rendered, name: str) -> Non
     plots = len(re.findall(r'class="plotly-graph-div js-plotly-plot"', seen.dom))
     assert svgs > 0 and svgs >= figures, f"{page.name}: {svgs} main-svg for {figures} figures (plotly.js did not draw)"
     assert plots == figures, f"{page.name}: plotly drew {plots} of {figures} figures"
+
+
+@pytest.mark.parametrize("name", TOC_NAMES)
+def test_page_states_its_profile(built_book, name: str) -> None:
+    """Each executed page says under its title which parameter profile it ran with (the book test: smoke)."""
+    import nbformat
+    run = built_book.runs[name]
+    if not run.ok:
+        pytest.skip(f"{name} did not run")
+    nb = nbformat.read(run.executed, as_version=4)
+    stamps = [c for c in nb.cells if "instab-profile" in c.metadata.get("tags", [])]
+    assert len(stamps) == 1 and "`smoke` profile" in stamps[0].source, stamps
+    assert nb.metadata["instab"]["run"]["profile"] == "smoke"
