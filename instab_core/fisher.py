@@ -22,6 +22,7 @@ Shapes: h, v [d]; logits [V]; the model's dtype for forward work, float64 for p,
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,7 +32,7 @@ import pandas as pd
 import torch
 from torch.func import jacrev, jvp, vjp
 
-from .models import ModelHandle
+from .models import ModelHandle, parse_layers
 from .probe import run_until
 
 SEED_LAYERS_32 = (0, 5, 10, 15, 20, 25, 30, 31)  # the seed's layers of a 32-layer model
@@ -81,7 +82,7 @@ def find_site(handle: ModelHandle, text: str, word: str = " animals") -> Site:
                          "neighbours); pass a word with its leading space, as it appears in the sentence")
     position = start - 1
     with torch.no_grad():
-        logits = handle.unembed(run_until(handle, handle.embedding(ids[:position + 1])[None], handle.final_norm)[0, position])
+        logits = handle.logits(run_until(handle, handle.embedding(ids[:position + 1])[None], handle.final_norm)[0, position])
     argmax = int(logits.argmax())
     return Site(text=text, ids=ids, position=position, word_token=w[0], argmax=argmax, keep=argmax == w[0])
 
@@ -143,7 +144,7 @@ def run_with_replacement(handle: ModelHandle, ids: torch.Tensor, layer: int, pos
                 lambda m, i, o: outs.append((o[0] if isinstance(o, tuple) else o).detach().clone())))
     try:
         hidden = run_until(handle, emb, handle.final_norm)
-        logits = handle.unembed(hidden)
+        logits = handle.logits(hidden)
     finally:
         for hk in hooks:
             hk.remove()
@@ -318,6 +319,7 @@ class FisherStudy:
     layers: list[int]
     vectors: dict[int, np.ndarray] = field(default_factory=dict)
     seed_vectors: dict[int, np.ndarray] = field(default_factory=dict)
+    site_rule: str = ""  # which sentences were kept and why (the seed's filter or the argmax fallback)
 
     def similarity(self, layer: int, which: str = "exact") -> np.ndarray:
         """|cos| between the top eigenvectors of every pair of kept sentences at ``layer`` [n, n]
@@ -329,12 +331,16 @@ class FisherStudy:
 def study(handle: ModelHandle, sentences: Sequence[str], word: str = " animals", layers: Sequence[int] | None = None,
           k: int = 4, subset: int = 200, scales: Sequence[float] = SEED_SCALES,
           kl_levels: Sequence[float] = KL_LEVELS, top: int = 5, max_residual: float = 1e-4,
-          filter_argmax: bool = True, progress: bool = True) -> FisherStudy:
+          filter_argmax: bool = True, progress: bool = True, argmax_fallback: bool = True) -> FisherStudy:
     """For every sentence (kept when the model's argmax at the site is the word's token, as the seed) and layer:
     exact top-k Fisher eigenpairs, the seed's approximation and the angle between the top eigenvectors, and
     sweeps along the exact top eigenvector: ``seed`` steps α·λ_1 for α in ``scales`` and ``kl`` steps
-    ±sqrt(2κ/λ_1) (second-order KL = κ) for κ in ``kl_levels``. ``filter_argmax=False`` keeps every sentence."""
-    layers = spread_layers(handle.n_layers) if layers is None else [int(l) for l in layers]
+    ±sqrt(2κ/λ_1) (second-order KL = κ) for κ in ``kl_levels``. ``filter_argmax=False`` keeps every sentence.
+    When the seed's filter keeps none and ``argmax_fallback`` is on, the sentences kept are those whose argmax at
+    the site is the model's most frequent prediction there (a word the model does predict); ``site_rule`` says
+    which rule applied. ``layers``: indices or a spec for :func:`instab_core.models.parse_layers`
+    (``"0,1/3,2/3,last"``); default: the seed's layers scaled to the model's depth."""
+    layers = spread_layers(handle.n_layers) if layers is None else parse_layers(layers, handle.n_layers)
     for l in layers:
         _check_layer(handle, l)
     sites = [find_site(handle, s, word) for s in sentences]
@@ -343,8 +349,17 @@ def study(handle: ModelHandle, sentences: Sequence[str], word: str = " animals",
                                 "argmax": handle.tokenizer.decode([s.argmax]), "keep": s.keep}
                                for i, s in enumerate(sites)])
     kept = [(i, s) for i, s in enumerate(sites) if s.keep or not filter_argmax]
+    rule = (f"the seed's filter: the model's argmax at the site is {word!r} ({len(kept)} of {len(sites)} kept)"
+            if filter_argmax else f"every sentence ({len(sites)}), no argmax filter")
+    if not kept and argmax_fallback and sites:
+        top_id = Counter(s.argmax for s in sites).most_common(1)[0][0]
+        kept = [(i, s) for i, s in enumerate(sites) if s.argmax == top_id]
+        rule = (f"the seed's filter ({word!r} as the argmax) kept none; kept the {len(kept)} of {len(sites)} "
+                f"sentences whose argmax at the site is the model's most frequent prediction there, "
+                f"{handle.tokenizer.decode([top_id])!r}")
     if not kept:
         raise ValueError(f"no sentence has {word!r} as the model's argmax at the site; the seed's filter keeps none")
+    site_table["used"] = [any(i == j for j, _ in kept) for i in range(len(sites))]
     jobs = [(i, s, l) for l in layers for i, s in kept]
     if progress:
         from tqdm.auto import tqdm
@@ -382,4 +397,4 @@ def study(handle: ModelHandle, sentences: Sequence[str], word: str = " animals",
     return FisherStudy(sites=site_table, eigen=pd.DataFrame(eig_rows), comparison=pd.DataFrame(cmp_rows),
                        sweeps=pd.concat(sweep_tables, ignore_index=True), layers=list(layers),
                        vectors={l: np.stack(v) for l, v in vecs.items()},
-                       seed_vectors={l: np.stack(v) for l, v in svecs.items()})
+                       seed_vectors={l: np.stack(v) for l, v in svecs.items()}, site_rule=rule)

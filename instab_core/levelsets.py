@@ -149,7 +149,7 @@ class LevelSet:
         X = X.to(device=self.prefix.device, dtype=self.handle.dtype)
         emb = torch.cat([self.prefix[None].expand(X.shape[0], -1, -1), X[:, None, :]], dim=1)
         hidden = run_until(self.handle, emb, self.handle.final_norm)[:, -1]
-        return self.handle.unembed(hidden)
+        return self.handle.logits(hidden)
 
     @torch.no_grad()
     def distribution(self, X: torch.Tensor) -> torch.Tensor:
@@ -285,6 +285,34 @@ class LevelSet:
                 raise LevelSetError(msg)
             warnings.warn(msg, stacklevel=2)
         return res
+
+
+SEED_EPSILON = 1e-6
+
+
+def choose_epsilon(handle: ModelHandle, target: int | torch.Tensor | np.ndarray, X0: torch.Tensor,
+                   seed_epsilon: float = SEED_EPSILON, tolerance: float = 1e-2, max_iters: int = 100) -> tuple[float, str]:
+    """A level ε this model reaches from the start points X0 [n, d], and a sentence saying how it was chosen.
+
+    The seed's ε (1e-6) when at least half of the points reach it in ``max_iters`` Newton steps; otherwise
+    (a model whose logits cannot make the target that likely, e.g. a random one) the largest KL the points
+    reached on their way down, rounded up to one significant digit — a level every point crosses.
+    """
+    ls = LevelSet(handle, target, seed_epsilon, tolerance=tolerance)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pr = ls.project(X0, method="newton", max_iters=max_iters, strict=False)
+    n, ok = len(pr.kl), int(pr.converged.sum())
+    if ok * 2 >= n:
+        return float(seed_epsilon), f"the seed's ε = {seed_epsilon:g} ({ok} of {n} start points reach it)"
+    top = float(np.max(pr.kl))
+    if not np.isfinite(top) or top <= 0:
+        raise LevelSetError(f"the KL reached from the start points is {top!r}: the model's logits are broken")
+    m = 10.0 ** np.floor(np.log10(top))
+    eps = float(np.ceil(top / m) * m)
+    return eps, (f"ε = {eps:g}: the seed's ε = {seed_epsilon:g} is out of this model's reach ({ok} of {n} start points "
+                 f"reach it in {max_iters} Newton steps; the KL they reach is {float(np.min(pr.kl)):.3g} .. {top:.3g}), "
+                 "so ε is the largest KL reached, rounded up")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -149,7 +149,7 @@ class Probe:
             full = run_until(h, self.embeds(X), h.layers[tgt.layer])
         out = full[:, self.position, :]
         if tgt.kind == "logits":
-            out = h.unembed(out)
+            out = h.logits(out)
         return out
 
     def f(self, x: torch.Tensor) -> torch.Tensor:

@@ -31,11 +31,12 @@ class PowerIterationError(RuntimeError):
 
 
 def projections(handle: ModelHandle) -> tuple[str, ...]:
-    """The weight-matrix stage names of the handle's family (llama: q k v o gate up down; gpt2: qkv o up down)."""
-    fam = handle.adapter.family
-    if fam not in PROJECTIONS:
-        raise ValueError(f"no projection list for family {fam!r}; known: {sorted(PROJECTIONS)}")
-    return PROJECTIONS[fam]
+    """The weight-matrix stage names of the handle's model, from its discovered adapter (llama: q k v o gate up
+    down; gpt2: qkv o up down)."""
+    names = handle.adapter.projections
+    if not names:
+        raise ValueError(f"no projection stages found for family {handle.adapter.family!r}")
+    return names
 
 
 def _check_layer(handle: ModelHandle, layer: int) -> int:
