@@ -406,7 +406,21 @@ class ModelHandle:
         if not isinstance(text, str) or not text.strip():
             raise ValueError("empty prompt: pass a non-empty text")
         ids = self.tokenizer(text, return_tensors="pt")["input_ids"][0]
+        limit = self.max_positions
+        if limit is not None and ids.shape[0] > limit:
+            raise ValueError(f"the prompt has {ids.shape[0]} tokens but the model has {limit} positions "
+                             "(max_position_embeddings): shorten the text")
         return ids.to(self.device)
+
+    @property
+    def max_positions(self) -> int | None:
+        """The longest sequence the model's position embeddings or rotary tables were configured for, if stated."""
+        cfg = self.model.config
+        for key in ("max_position_embeddings", "n_positions", "n_ctx"):
+            v = getattr(cfg, key, None)
+            if isinstance(v, int) and v > 0:
+                return v
+        return None
 
     @property
     def weights_hash(self) -> str:
@@ -536,6 +550,7 @@ def load_model(
     Hub ids are read from the local Hugging Face cache only; set INSTAB_ALLOW_DOWNLOAD=1 to let
     transformers download (never the case on machines without network).
     """
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -563,6 +578,10 @@ def load_model(
                 f"download it where there is network (`hf download {name} --local-dir DIR`) "
                 "and pass that directory, e.g. load_model('DIR')") from exc
         raise ModelLoadError(f"cannot load the model in {path}: {exc}") from exc
+    except (TypeError, ValueError, StrictDataclassError) as exc:  # a config.json field of the wrong type or value
+        where = (path / "config.json") if path is not None else name
+        raise ModelLoadError(f"{where}: {' '.join(str(exc).split())}: fix that field (compare with the config "
+                             "the model was trained with)") from exc
     if true_float64 and torch_dtype != torch.float64:
         raise ModelLoadError("true_float64 applies to float64 models only")
     model = model.to(dev).eval()
