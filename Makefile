@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo yes)
 PIP_CONSTRAINT_FLAG := $(if $(HAS_GPU),,-c constraints-cpu.txt)
 
-.PHONY: setup test test-fast book bench clean-book
+.PHONY: setup test test-fast book bench bench-scale clean-book
 
 $(STAMP): pyproject.toml constraints-cpu.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -38,6 +38,12 @@ bench: setup
 	$(BIN)/python benchmarks/bench_fisher.py
 	$(BIN)/python benchmarks/bench_linearity.py
 	$(BIN)/python benchmarks/bench_curvature.py
+	$(BIN)/python benchmarks/bench_prefix_cache.py
+	$(BIN)/python benchmarks/bench_scale_costs.py
+
+# Every notebook with its default parameters on llama-3.2-1b -L 2 (d=2048, V=128256), built locally: benchmarks/scale.md
+bench-scale: setup
+	$(BIN)/python benchmarks/scale.py
 
 clean-book:
 	rm -rf _build book/experiments/*.ipynb

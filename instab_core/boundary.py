@@ -114,7 +114,7 @@ class PrefixCachedProbe(Probe):
             full = run_until(h, emb, h.layers[tgt.layer], **kw)
         out = full[:, 0, :]
         if tgt.kind == "logits":
-            out = h.unembed(out)
+            out = h.logits(out)  # the head and its post-head steps, as Probe
         return out
 
     def with_batch_size(self, batch_size: int) -> "PrefixCachedProbe":

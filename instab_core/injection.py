@@ -63,7 +63,7 @@ def rounding_injection(handle: ModelHandle, text: str, constants: Iterable[float
     emb = torch.stack([E] + [inject(E, c) for c in cs])  # row 0: the reference
     H = final_hidden_batch(handle, emb)
     with torch.no_grad():
-        logits = handle.unembed(H[:, -1, :]).double()
+        logits = handle.logits(H[:, -1, :]).double()
     Hd = H.double()
     ref, pert = Hd[0], Hd[1:]
     l2 = (pert - ref).norm(dim=-1).cpu().numpy()

@@ -109,7 +109,7 @@ def _logits(probe: Probe, out: torch.Tensor) -> torch.Tensor:
                 k = chunk.shape[0]
                 if k < b:
                     chunk = torch.cat([chunk, probe.reference.expand(b - k, -1)])
-                res.append(probe.handle.unembed(chunk)[:k])
+                res.append(probe.handle.logits(chunk)[:k])
         return torch.cat(res)
     raise ValueError(f"finite_difference needs target final_hidden or logits (got {probe.target}): "
                      "the logits and the token flip are computed from the final hidden state")

@@ -287,6 +287,10 @@ def discover_adapter(model: nn.Module) -> Adapter:
     for n in norms:  # any other norm of the layer keeps its own name
         if n not in roles.values() and rec.count(f"norm:{n}") == 1:
             subs[n] = n
+    if ("attn_out_norm" in roles or "mlp_out_norm" in roles) and "input_norm" in roles:
+        notes.append("sandwich norms (before and after attention/MLP)")
+    elif "attn_out_norm" in roles or "mlp_out_norm" in roles:
+        notes.append("norms after attention and MLP, none before")
     if moe:
         notes.append("mixture of experts: router and experts are stages")
     # network order: when each stage's module finished in layer 0 (forward hooks fire at the end)

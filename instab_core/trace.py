@@ -70,7 +70,9 @@ def stage_presets(handle: ModelHandle) -> dict[str, list[str]]:
         all_stages += [f"layer{i}.{s}" for s in subs] + [f"layer_out[{i}]"]
     all_stages.append("final_norm")
     return {
-        "seed_exp8_p1": ["embedding", "layer0.input_norm", "layer0.post_attn_norm", last, "final_norm"],
+        # families without a pre-attention or pre-MLP norm (OLMo2: norms after attention/MLP) skip those stages
+        "seed_exp8_p1": ["embedding"] + [f"layer0.{s}" for s in ("input_norm", "post_attn_norm") if s in subs]
+        + [last, "final_norm"],
         "residual": ["embedding"] + [f"layer_out[{i}]" for i in range(n)] + ["final_norm"],
         "all": all_stages,
     }

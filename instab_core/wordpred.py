@@ -415,7 +415,7 @@ def token_statistics(handle: ModelHandle, hidden: torch.Tensor, targets: torch.T
     predict token ids ``targets`` [n]. Logits = unembedding(hidden) in the model's dtype; log-probabilities by
     float64 log-softmax; cosines in float64 with the unembedding rows; ``rank`` = number of tokens with a strictly
     larger logit than the target (0: the target is a top-1). Arrays on the CPU."""
-    logits = handle.unembed(hidden)
+    logits = handle.logits(hidden)  # lm_head and the family's post-head steps (softcap, scaling)
     logp = torch.log_softmax(logits.double(), dim=-1)
     rows = torch.arange(targets.shape[0], device=targets.device)
     tgt_logit = logits[rows, targets]

@@ -29,7 +29,10 @@ from test_models import DtypeRecorder
 
 TEXT = "The capital of France is Paris, and the animals"
 NOTEBOOKS = ("exp02", "exp12", "exp01", "exp04", "fisher", "levelsets", "linearity")
-FAST_NOTEBOOK_FAMILIES = ("llama",)
+# In the fast part: the two notebooks whose defaults used to assume the bundled model's depth and logits, on Llama.
+# The rest (a minute or more each on 2 cores) are marked slow.
+FAST_NOTEBOOKS = (("llama", "fisher"), ("llama", "levelsets"))
+MODEL_PARAMETER = {"linearity": "models"}  # notebooks that take a list of models
 
 
 def _available(family: str) -> bool:
@@ -41,21 +44,33 @@ AVAILABLE = [f for f in FAMILIES if _available(f)]
 REPORT: dict[str, dict[str, str]] = {}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def family_report(tmp_path_factory):
-    """Write every recorded outcome to families.json when the module finishes."""
-    yield REPORT
-    if not REPORT:
+_OUT: list[Path] = []
+
+
+def _flush() -> None:
+    """Merge REPORT into the report file (after every outcome, so an interrupted run keeps what it measured)."""
+    if not _OUT or not REPORT:
         return
-    out = Path(os.environ.get("INSTAB_FAMILY_REPORT") or tmp_path_factory.getbasetemp() / "families.json")
+    out = _OUT[0]
     old = json.loads(out.read_text()) if out.is_file() else {}
     for fam, checks in REPORT.items():
         old.setdefault(fam, {}).update(checks)
     import transformers
     old["_meta"] = {"transformers": transformers.__version__, "torch": torch.__version__, "seed": SESSION_SEED,
                     "written": time.strftime("%Y-%m-%d %H:%M:%S")}
-    out.write_text(json.dumps(old, indent=1, sort_keys=True))
-    print(f"\nfamily report: {out}")
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(old, indent=1, sort_keys=True))
+    tmp.replace(out)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def family_report(tmp_path_factory):
+    """Every recorded outcome goes to families.json (pytest's temp dir, or $INSTAB_FAMILY_REPORT)."""
+    _OUT[:] = [Path(os.environ.get("INSTAB_FAMILY_REPORT") or tmp_path_factory.getbasetemp() / "families.json")]
+    yield REPORT
+    _flush()
+    if REPORT:
+        print(f"\nfamily report: {_OUT[0]}")
 
 
 @contextmanager
@@ -70,11 +85,15 @@ def record(family: str, check: str, ok: str = "pass"):
         REPORT.setdefault(family, {})[check] = f"fail: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}" \
             if str(exc) else f"fail: {type(exc).__name__}"
         raise
+    finally:
+        _flush()
     REPORT.setdefault(family, {})[check] = ok
+    _flush()
 
 
 def note(family: str, check: str, value: str) -> None:
     REPORT.setdefault(family, {})[check] = value
+    _flush()
 
 
 @pytest.fixture(scope="module")
@@ -253,7 +272,7 @@ def test_fused_experts_are_recorded(fam):
     """MoE families: the fused grouped-matmul experts (HF's default) against the eager loop instab loads."""
     family, path = fam
     h = load(path)
-    if getattr(h.model.config, "_experts_implementation", None) is None:
+    if not any(type(m).__name__.endswith("Experts") for m in h.model.modules()):
         return
     assert h.model.config._experts_implementation == "eager"
     hf = load(path, experts_implementation=None)
@@ -338,7 +357,7 @@ def _nb_params():
     out = []
     for family in AVAILABLE:
         for name in NOTEBOOKS:
-            marks = [] if family in FAST_NOTEBOOK_FAMILIES else [pytest.mark.slow]
+            marks = [] if (family, name) in FAST_NOTEBOOKS else [pytest.mark.slow]
             out.append(pytest.param(family, name, marks=marks, id=f"{family}-{name}"))
     return out
 
@@ -348,7 +367,46 @@ def test_notebook_smoke_run(family, name, family_dirs, tmp_path):
     from instab_core import book
 
     path = family_dirs(family)
-    params = book.smoke_parameters(name) | {"model": str(path)}
+    key = MODEL_PARAMETER.get(name, "model")
+    params = book.smoke_parameters(name) | {key: [str(path)] if key == "models" else str(path)}
     run = book.run_notebook(name, params, results_root=tmp_path / "results", out_dir=tmp_path / "out", progress=False)
     note(family, f"nb:{name}", "pass" if run.ok else f"fail: {str(run.error).splitlines()[-1][:160]}")
     assert run.ok, run.error
+
+
+# --- defaults that fit any model -----------------------------------------------------------------
+
+def test_level_set_epsilon_fits_a_random_model(family_dirs):
+    """On a random 2-layer Llama the seed's ε = 1e-6 is out of reach; the chosen ε is reached by most points."""
+    from instab_core import levelsets as L
+
+    h = load(family_dirs("llama"))
+    target = h.tokenizer(" the", add_special_tokens=False)["input_ids"][0]
+    X0 = L.sample_vocab_ellipse(h, 6, seed=SESSION_SEED % 1000)
+    eps, rule = L.choose_epsilon(h, target, X0, max_iters=30)
+    assert eps > 1e-6 and "out of this model's reach" in rule
+    pr = L.LevelSet(h, target, eps).project(X0, max_iters=30, strict=False)
+    assert pr.converged.sum() * 2 >= len(X0)
+    ok = pr.converged
+    assert (abs(pr.kl[ok] - eps) < 1e-2 * eps).all()
+
+
+def test_fisher_site_falls_back_to_the_models_own_argmax(family_dirs):
+    """When no sentence predicts the seed's word, the sites kept are those predicting the model's most frequent argmax."""
+    from collections import Counter
+
+    from instab_core import fisher as fi
+    from instab_core.zoo.corpus import ANIMAL_SENTENCES, ANIMALS_WORD
+
+    h = load(family_dirs("llama"))
+    sents = ANIMAL_SENTENCES[:4]
+    sites = [fi.find_site(h, s, ANIMALS_WORD) for s in sents]
+    if any(s.keep for s in sites):
+        pytest.skip("this random model happens to predict the seed's word")
+    st = fi.study(h, sents, word=ANIMALS_WORD, layers="0,last", k=1, scales=[0.0, 1.0], kl_levels=[1e-3], progress=False)
+    top = Counter(s.argmax for s in sites).most_common(1)[0][0]
+    assert st.sites.used.tolist() == [s.argmax == top for s in sites]
+    assert "kept none" in st.site_rule and repr(h.tokenizer.decode([top])) in st.site_rule
+    assert st.layers == [0, 1]
+    with pytest.raises(ValueError, match="no sentence"):
+        fi.study(h, sents, word=ANIMALS_WORD, layers=[0], argmax_fallback=False, progress=False)

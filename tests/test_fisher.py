@@ -140,7 +140,7 @@ def test_study_tables(handle):
     layers = [0, 2]
     if not any(fi.find_site(handle, s).keep for s in sents):  # the seed's filter keeps none on a random model
         with pytest.raises(ValueError, match="filter keeps none"):
-            fi.study(handle, sents, layers=layers, progress=False)
+            fi.study(handle, sents, layers=layers, argmax_fallback=False, progress=False)
     st = fi.study(handle, sents, layers=layers, k=2, subset=10, scales=(0.0, 1.0), kl_levels=(1e-3,),
                   filter_argmax=False, progress=False)
     n = len(sents)
