@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo yes)
 PIP_CONSTRAINT_FLAG := $(if $(HAS_GPU),,-c constraints-cpu.txt)
 
-.PHONY: setup test test-fast book bench bench-scale clean-book
+.PHONY: setup test test-fast test-families book bench bench-scale clean-book
 
 $(STAMP): pyproject.toml constraints-cpu.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -18,7 +18,12 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 setup: $(STAMP)
 
 test: setup
-	$(BIN)/python -m pytest -q -rs
+	$(BIN)/python -m pytest -q -rs -m "not families"
+
+# The whole family x notebook grid of smoke runs (about an hour on 2 cores), then the README's family table from it.
+test-families: setup
+	INSTAB_FAMILY_REPORT=$(CURDIR)/.families.json $(BIN)/python -m pytest -q -rs tests/test_families.py
+	$(BIN)/python scripts/family_table.py $(CURDIR)/.families.json --readme README.md
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -rs -m "not slow"
