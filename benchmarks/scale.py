@@ -32,12 +32,19 @@ def run_one(name: str, model: str, tmp: Path, timeout: int) -> dict:
     )
     t = time.perf_counter()
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    import json
+    import signal
+
+    # Own process group, so that a timeout also ends the notebook's kernel (a grandchild).
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
     try:
-        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
-        last = (p.stdout.strip().splitlines() or ["{}"])[-1]
-        import json
-        res = json.loads(last) if last.startswith("{") else {"ok": False, "error": p.stderr.strip()[-400:]}
+        stdout, stderr = p.communicate(timeout=timeout)
+        last = (stdout.strip().splitlines() or ["{}"])[-1]
+        res = json.loads(last) if last.startswith("{") else {"ok": False, "error": stderr.strip()[-400:]}
     except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.communicate()
         res = {"ok": False, "error": f"timed out after {timeout} s"}
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     return {"notebook": name, "wall_s": time.perf_counter() - t,
