@@ -51,7 +51,9 @@ def tables(report: dict[str, dict[str, str]]) -> str:
     failures = []
     for fam in fams:
         r = report[fam]
-        row = [f"`{fam}`"] + [mark(r.get(k)) for k, _ in CHECKS] + [r.get("eager_vs_sdpa", "–")]
+        sdpa = r.get("eager_vs_sdpa", "–")
+        row = [f"`{fam}`"] + [mark(r.get(k)) for k, _ in CHECKS] + [sdpa.split(" (")[0] if sdpa.startswith("no sdpa")
+                                                                     else sdpa]
         row += [mark(r.get(f"nb:{n}")) for n in NOTEBOOKS]
         lines.append("| " + " | ".join(row) + " |")
         failures += [f"- `{fam}` {k}: {v}" for k, v in sorted(r.items()) if isinstance(v, str) and v.startswith("fail:")]
