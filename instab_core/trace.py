@@ -129,11 +129,6 @@ def _storable(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().numpy()
 
 
-def _max_positions(handle: ModelHandle) -> int | None:
-    cfg = handle.model.config
-    return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
-
-
 def prompt_ids(handle: ModelHandle, prompt: str, chat: bool = False) -> torch.Tensor:
     """Token ids [L] of the prompt: with BOS as the tokenizer adds it, or through the chat template."""
     if not isinstance(prompt, str) or not prompt.strip():
@@ -149,7 +144,7 @@ def prompt_ids(handle: ModelHandle, prompt: str, chat: bool = False) -> torch.Te
 
 def max_steps(handle: ModelHandle, prompt: str, chat: bool = False) -> int | None:
     """The most steps a capture of ``prompt`` can take within the model's positions (None: no limit known)."""
-    limit = _max_positions(handle)
+    limit = handle.max_positions
     return None if limit is None else limit - len(prompt_ids(handle, prompt, chat)) + 1
 
 
@@ -205,7 +200,7 @@ def capture(handle: ModelHandle, prompt: str, out_dir: str | os.PathLike, steps:
     ids = prompt_ids(handle, prompt, chat)
     most = max_steps(handle, prompt, chat)
     if most is not None and steps > most:
-        raise TraceError(f"prompt ({len(ids)} tokens) + {steps} steps exceeds the model's {_max_positions(handle)} "
+        raise TraceError(f"prompt ({len(ids)} tokens) + {steps} steps exceeds the model's {handle.max_positions} "
                          f"positions: use steps <= {most} (trace.max_steps gives it)")
     mods = stage_modules(handle, stages)
     old_threads = torch.get_num_threads()

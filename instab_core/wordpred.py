@@ -357,15 +357,6 @@ class Segment:
     t1: int
 
 
-def max_positions(handle: ModelHandle) -> int | None:
-    cfg = handle.model.config
-    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
-        v = getattr(cfg, name, None)
-        if isinstance(v, int) and v > 0:
-            return v
-    return None
-
-
 def plan_segments(n_tokens: int, prefix: int, context: int | None = None, stride: int | None = None,
                   chunk: int = 256, max_pos: int | None = None) -> list[Segment]:
     """The segments that score every target t in [max(prefix, 1), n_tokens) exactly once (module docstring)."""
@@ -564,7 +555,7 @@ def predict_words(handle: ModelHandle, text: str, context: int | None = None, st
     windows of ``context`` tokens moved by ``stride`` (default: half the window). ``chunk``: tokens per forward
     call (bounds memory). ``run``: a results Run whose ``save``/``load`` checkpoint each segment."""
     tok = tokenize_words(handle.tokenizer, split_words(text))
-    segs = plan_segments(tok.n_tokens, tok.prefix, context, stride, chunk, max_positions(handle))
+    segs = plan_segments(tok.n_tokens, tok.prefix, context, stride, chunk, handle.max_positions)
     if context is not None and stride is None:
         stride = max(1, (context - tok.prefix) // 2)
     ids = torch.as_tensor(tok.ids, device=handle.device)
