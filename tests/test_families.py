@@ -25,7 +25,7 @@ from torch.func import jvp
 import instab_core as ic
 from instab_core.models import AdapterError, ModelLoadError, parse_layers
 from randmodels import FAMILIES, SESSION_SEED, family_model_dir
-from test_models import DtypeRecorder
+from test_models import DtypeRecorder, stage_calls
 
 TEXT = "The capital of France is Paris, and the animals"
 NOTEBOOKS = ("exp02", "exp12", "exp01", "exp04", "fisher", "levelsets", "linearity")
@@ -159,18 +159,7 @@ def test_adapter_is_discovered_and_every_stage_runs_once(fam):
         assert a.tied == (h.unembed.weight is h.embedding.weight)
         for stage in ("attn", "mlp"):
             assert stage in a.submodules, (stage, a.submodules)
-        calls = {(i, s): 0 for i in range(h.n_layers) for s in a.submodules}
-        hooks = []
-        for (i, s) in calls:
-            def hook(m, inp, out, key=(i, s)):
-                calls[key] += 1
-            hooks.append(h.stage_module(i, s).register_forward_hook(hook))
-        try:
-            with torch.no_grad():
-                h.model(h.encode(TEXT)[None])
-        finally:
-            for k in hooks:
-                k.remove()
+        calls = stage_calls(h, TEXT)
         assert calls == {k: 1 for k in calls}
         assert set(a.projections) <= set(a.submodules) and a.projections
     note(family, "stages", " ".join(a.submodules))

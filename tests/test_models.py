@@ -50,6 +50,26 @@ class DtypeRecorder(TorchDispatchMode):
 
 # --- errors --------------------------------------------------------------------------------------
 
+
+def stage_calls(h, text: str) -> dict[tuple[int, str], int]:
+    """How often one forward pass of ``text`` calls each (layer, stage) module of the adapter."""
+    calls = {(i, s): 0 for i in range(h.n_layers) for s in h.adapter.submodules}
+    hooks = []
+    for key in calls:
+        mod = h.stage_module(*key)
+        assert isinstance(mod, torch.nn.Module), key
+
+        def hook(m, inp, out, key=key):
+            calls[key] += 1
+        hooks.append(mod.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            h.model(h.encode(text)[None])
+    finally:
+        for k in hooks:
+            k.remove()
+    return calls
+
 def test_unknown_bare_name_lists_bundled_models():
     with pytest.raises(ModelLoadError, match="unknown model 'no-such-model'") as exc:
         ic.load_model("no-such-model")
@@ -145,24 +165,8 @@ def test_every_stage_module_exists_and_runs_once_per_layer(family_dir):
     """Every adapter stage of every layer is a real module that the forward pass calls exactly once."""
     _, path = family_dir
     h = ic.load_model(path)
-    calls: dict[tuple[int, str], int] = {}
-    hooks = []
-    for layer in range(h.n_layers):
-        for stage in h.adapter.submodules:
-            mod = h.stage_module(layer, stage)
-            assert isinstance(mod, torch.nn.Module)
-            calls[(layer, stage)] = 0
-
-            def hook(m, i, o, key=(layer, stage)):
-                calls[key] += 1
-            hooks.append(mod.register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            h.model(h.encode(TEXT)[None])
-    finally:
-        for k in hooks:
-            k.remove()
-    assert calls == {k: 1 for k in calls}
+    calls = stage_calls(h, TEXT)
+    assert calls and calls == {k: 1 for k in calls}
     with pytest.raises(KeyError, match="unknown stage"):
         h.stage_module(0, "no_such_stage")
     with pytest.raises(IndexError):
