@@ -25,6 +25,7 @@ import yaml
 from . import params
 
 EXPERIMENTS_DIR = "book/experiments"
+CAMPAIGNS_DIR = "book/campaigns"  # campaign report pages (_toc.yml globs them under "Campaigns")
 STATIC_DIR = "book/_static"
 MATHJAX_VERSION = "3.2.2"
 MATHJAX_FILE = "mathjax/tex-svg-full.js"  # relative to STATIC_DIR; must match mathjax_path in _config.yml
@@ -54,6 +55,7 @@ class BookReport:
     build_ok: bool
     problems: list[str]  # plot-loss and build problems, one line each
     figures: dict[str, int] = field(default_factory=dict)  # experiment -> figures in its executed notebook
+    campaigns: dict[str, NotebookRun] = field(default_factory=dict)  # campaign name -> its report page's run
 
     @property
     def html(self) -> Path:
@@ -61,7 +63,8 @@ class BookReport:
 
     @property
     def failed(self) -> list[str]:
-        return [n for n, r in self.runs.items() if not r.ok]
+        return [n for n, r in self.runs.items() if not r.ok] + [f"campaign {n}" for n, r in self.campaigns.items()
+                                                                 if not r.ok]
 
     @property
     def returncode(self) -> int:
@@ -70,6 +73,10 @@ class BookReport:
     def page(self, name: str) -> Path:
         """The built HTML page of experiment ``name``."""
         return self.html / EXPERIMENTS_DIR / (self.runs[name].executed.stem + ".html")
+
+    def campaign_page(self, name: str) -> Path:
+        """The built HTML page of campaign ``name``'s report."""
+        return self.html / CAMPAIGNS_DIR / f"{name}.html"
 
 
 # --- where things are -------------------------------------------------------------------------
@@ -180,28 +187,52 @@ def run_notebook(
     executing does not raise: it is reported in the returned ``NotebookRun``, and the partially executed
     notebook is kept at the output path.
     """
-    import papermill
-    from papermill.exceptions import PapermillExecutionError
-
     root = Path(root or repo_root()).resolve()
     src = _source(name, root)
     key = _key(src.stem)
     parameters = params.check(key, src, dict(parameters or {}))
     out_dir = Path(out_dir) if out_dir is not None else root / EXPERIMENTS_DIR
-    out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / src.name
-    lock = _lock_output(out)  # a concurrent run of the same notebook into the same folder waits here
-    # Same directory as the output so os.replace is atomic; the name is gitignored (*.ipynb).
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{src.stem}.", suffix=".tmp.ipynb", dir=out_dir)
-    os.close(fd)
-    tmp = Path(tmp_name)
     fd, record_name = tempfile.mkstemp(prefix="instab-run-record-", suffix=".txt")
     os.close(fd)
     record = Path(record_name)
-
     env = {"INSTAB_RUN_RECORD": str(record)}
     if results_root is not None:
         env["INSTAB_RESULTS"] = str(Path(results_root).resolve())
+    try:
+        ok, error, seconds = execute(src, out, parameters, root, env=env, progress=progress,
+                                     finish=lambda tmp: _stamp_profile(tmp, profile, parameters))
+        lines = record.read_text().splitlines() if record.exists() else []
+    finally:
+        record.unlink(missing_ok=True)
+    return NotebookRun(
+        name=key,
+        executed=out,
+        results=[Path(s.strip()) for s in lines if s.strip()],
+        ok=ok,
+        error=error,
+        seconds=seconds,
+    )
+
+
+def execute(src: Path, out: Path, parameters: dict, root: Path, env: dict[str, str] | None = None,
+            progress: bool = False, finish: Any = None) -> tuple[bool, str | None, float]:
+    """Papermill ``src`` into ``out`` atomically (kernel cwd ``root``, extra environment ``env``).
+
+    Returns (ok, error, seconds). A failed execution keeps its partly executed notebook at ``out``; ``finish``
+    (a function of the temporary output path) runs before it is moved into place. Another process writing the
+    same ``out`` is waited for.
+    """
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock = _lock_output(out)  # a concurrent run of the same notebook into the same folder waits here
+    # Same directory as the output so os.replace is atomic; the name is gitignored (*.ipynb).
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.stem}.", suffix=".tmp.ipynb", dir=out.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    env = dict(env or {})
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # papermill starts the kernel with this process's environment
     ok, error = True, None
@@ -227,23 +258,15 @@ def run_notebook(
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-        lines = record.read_text().splitlines() if record.exists() else []
-        record.unlink(missing_ok=True)
         if tmp.exists() and tmp.stat().st_size > 0:
-            _stamp_profile(tmp, profile, parameters)
+            if finish is not None:
+                finish(tmp)
             os.replace(tmp, out)
         else:
             tmp.unlink(missing_ok=True)
             out.unlink(missing_ok=True)  # no output at all: never leave a stale page from an older run
         lock.close()
-    return NotebookRun(
-        name=key,
-        executed=out,
-        results=[Path(s.strip()) for s in lines if s.strip()],
-        ok=ok,
-        error=error,
-        seconds=seconds,
-    )
+    return ok, error, seconds
 
 
 def _stamp_profile(executed: Path, profile: str, parameters: dict) -> None:
@@ -442,6 +465,7 @@ def build_book_report(
             err = runs[key].error or "unknown error"
             _write_stub(path, title, f"it failed before producing output ({err})" if run else err)
 
+    campaigns = _book_campaigns(root, run)
     _copy_plotly_js(root)
     problems: list[str] = []
     mj = _ensure_mathjax(root)
@@ -453,7 +477,7 @@ def build_book_report(
     elif log:
         print("jupyter-book warnings:\n  " + "\n  ".join(log), file=sys.stderr)
 
-    report = BookReport(root, runs, build_ok, problems)
+    report = BookReport(root, runs, build_ok, problems, campaigns=campaigns)
     toc = set(toc_stems(root))
     for name, r in runs.items():
         if r.executed.stem not in toc:
@@ -463,7 +487,46 @@ def build_book_report(
             n, p = check_figures(r.executed, report.page(name))
             report.figures[name] = n
             problems.extend(p)
+    for name, r in campaigns.items():
+        if build_ok and r.executed.exists() and not _is_stub(r.executed):
+            n, p = check_figures(r.executed, report.campaign_page(name))
+            report.figures[f"campaign {name}"] = n
+            problems.extend(p)
     return report
+
+
+def _book_campaigns(root: Path, run: bool) -> dict[str, NotebookRun]:
+    """Run the campaigns of ``examples/*.yaml`` marked ``book: true`` and write their report pages.
+
+    A campaign that fails (or, with ``run=False``, has no report yet) gets a stub page saying so.
+    """
+    from . import campaign
+
+    out: dict[str, NotebookRun] = {}
+    for path in sorted((root / "examples").glob("*.yaml")):
+        doc = yaml.safe_load(path.read_text()) or {}
+        if not (isinstance(doc, dict) and doc.get("book") and "grid" in doc):
+            continue
+        t0 = time.perf_counter()
+        page = root / CAMPAIGNS_DIR / f"{doc.get('name')}.ipynb"
+        ok, error, results = True, None, []
+        try:
+            c = campaign.load(path, root=root)
+            results = [c.folder]
+            if run:
+                done = campaign.run(c, progress=False)
+                if done.failed:
+                    ok, error = False, f"{len(done.failed)} of {len(c.cells)} cells failed (instab campaign status {path.name})"
+                page = campaign.report(c)
+            elif not page.exists():
+                ok, error = False, "no report page yet (run `instab book` or `instab campaign report`)"
+        except ValueError as exc:
+            ok, error = False, " ".join(str(exc).split())
+        if not page.exists():
+            _write_stub(page, f"Campaign {doc.get('name')}", f"the campaign did not finish ({error})")
+        out[str(doc.get("name"))] = NotebookRun(f"campaign {doc.get('name')}", page, results, ok, error,
+                                                time.perf_counter() - t0)
+    return out
 
 
 def _is_stub(path: Path) -> bool:
@@ -479,6 +542,9 @@ def print_summary(report: BookReport) -> None:
         else:
             where = (r.error or "failed").splitlines()[0][:100]
         rows.append((r.executed.stem, "ok" if r.ok else "FAIL", f"{r.seconds:.1f}", where))
+    for name, r in report.campaigns.items():
+        where = ", ".join(_rel(p, report.root) for p in r.results) if r.ok else (r.error or "failed")[:100]
+        rows.append((f"campaign {name}", "ok" if r.ok else "FAIL", f"{r.seconds:.1f}", where))
     head = ("notebook", "ok", "seconds", "results folder")
     widths = [max(len(x) for x in col) for col in zip(head, *rows)]
     for row in (head, *rows):

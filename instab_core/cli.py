@@ -149,6 +149,53 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _campaign(args: argparse.Namespace):
+    """The campaign named on the command line: a YAML file, a campaign folder, or a name under campaigns/."""
+    from . import book, campaign
+    root = book.repo_root()
+    where = Path(args.campaign).expanduser()
+    if not where.exists() and (root / campaign.CAMPAIGNS_DIR / args.campaign).is_dir():
+        where = root / campaign.CAMPAIGNS_DIR / args.campaign
+    if where.is_dir():
+        return campaign.open_campaign(where, root=root)
+    return campaign.load(where, root=root, folder=Path(args.out) if getattr(args, "out", None) else None)
+
+
+def cmd_campaign_run(args: argparse.Namespace) -> int:
+    from . import campaign
+    c = _campaign(args)
+    done = campaign.run(c, backend=args.backend, address=args.address)
+    ok = len(done.outcomes) - len(done.failed)
+    print(f"campaign {c.name}: {ok} cells ran, {len(done.failed)} failed, {len(done.skipped)} already finished; "
+          f"{done.seconds:.1f} s; {c.folder}")
+    for cell_id in done.failed:
+        print(f"  failed {cell_id} ({done.outcomes[cell_id].get('label')}): {done.outcomes[cell_id].get('error')}")
+    if args.report:
+        print(f"report: {campaign.report(c)}")
+    return 1 if done.failed else 0
+
+
+def cmd_campaign_status(args: argparse.Namespace) -> int:
+    from . import campaign
+    c = _campaign(args)
+    rows = campaign.status_table(c)
+    print(f"campaign {c.name} ({c.experiment}): {c.folder}")
+    for r in rows:
+        secs = f"{r['seconds']:.1f} s" if r["seconds"] is not None else ""
+        err = f"  {' '.join(str(r['error']).split())[:160]}" if r["error"] else ""
+        print(f"  {r['cell']}  {r['state']:<11} {secs:>9}  {r['values']}{err}")
+    counts = {s: sum(r["state"] == s for r in rows) for s in ("done", "failed", "interrupted", "running", "pending")}
+    print("  " + ", ".join(f"{n} {s}" for s, n in counts.items() if n))
+    return 0
+
+
+def cmd_campaign_report(args: argparse.Namespace) -> int:
+    from . import campaign
+    c = _campaign(args)
+    print(f"report: {campaign.report(c, out=Path(args.report_out) if args.report_out else None)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="instab", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -204,6 +251,24 @@ def main(argv: list[str] | None = None) -> int:
     cmp_.add_argument("--no-model", action="store_true", help="skip the localisation (no model is loaded)")
     cmp_.add_argument("--json", default=None, help="also write the report as JSON to this file")
     cmp_.set_defaults(func=cmd_compare)
+    cp = sub.add_parser("campaign", help="run a grid of notebook runs (a campaign file), see its state, report it")
+    csub = cp.add_subparsers(dest="action", required=True)
+    crun = csub.add_parser("run", help="run every unfinished cell of a campaign file")
+    crun.add_argument("campaign", help="campaign YAML file (see examples/), or the name of one already run")
+    crun.add_argument("--backend", choices=["local", "ray"], default=None, help="override the file's backend")
+    crun.add_argument("--address", default=None, help="Ray cluster address (default: the file's, else a local Ray)")
+    crun.add_argument("--out", default=None, help="campaign folder (default: campaigns/<name> in the checkout)")
+    crun.add_argument("--report", action="store_true", help="then write the report page (book/campaigns/)")
+    crun.set_defaults(func=cmd_campaign_run)
+    cst = csub.add_parser("status", help="list a campaign's cells: done, failed (with the error), pending")
+    cst.add_argument("campaign", help="campaign YAML file, campaign folder, or name under campaigns/")
+    cst.add_argument("--out", default=None, help="campaign folder, when it is not campaigns/<name>")
+    cst.set_defaults(func=cmd_campaign_status)
+    crep = csub.add_parser("report", help="write the comparison page of a campaign's finished cells")
+    crep.add_argument("campaign", help="campaign YAML file, campaign folder, or name under campaigns/")
+    crep.add_argument("--out", default=None, help="campaign folder, when it is not campaigns/<name>")
+    crep.add_argument("--report-out", default=None, help="the report notebook (default book/campaigns/<name>.ipynb)")
+    crep.set_defaults(func=cmd_campaign_report)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))

@@ -25,6 +25,7 @@ __all__ = [
     "polar",
     "radar",
     "histogram",
+    "dropdown",
 ]
 
 # Okabe-Ito, reordered so the first colours are the most distinct on white (colour-blind safe).
@@ -332,3 +333,25 @@ def histogram(
         )
     fig.update_layout(barmode="overlay")
     return _layout(fig, title, xlabel, "density" if density and ylabel == "count" else ylabel, False, log_y)
+
+
+def dropdown(fig: go.Figure, groups: Mapping[str, Sequence[int]], all_label: str | None = "all") -> go.Figure:
+    """A menu over ``fig``'s traces: choosing a group shows only its traces (indices into ``fig.data``).
+
+    ``all_label`` adds a first entry showing every trace (None: none; the first group is then shown first).
+    It works in the offline book: plotly.js switches the traces' visibility, no kernel needed.
+    """
+    n = len(fig.data)
+    buttons = []
+    if all_label is not None:
+        buttons.append(dict(label=all_label, method="update", args=[{"visible": [True] * n}]))
+    for label, idx in groups.items():
+        shown = set(idx)
+        buttons.append(dict(label=str(label), method="update", args=[{"visible": [i in shown for i in range(n)]}]))
+    if all_label is None and groups:
+        first = set(next(iter(groups.values())))
+        for i, tr in enumerate(fig.data):
+            tr.visible = i in first
+    fig.update_layout(updatemenus=[dict(buttons=buttons, direction="down", x=1.0, xanchor="right", y=1.12,
+                                        yanchor="bottom", showactive=True)])
+    return fig

@@ -611,6 +611,18 @@ class Localisation:
     table: pd.DataFrame  # per stage: differs, max |Δ|, and for residual stages the lens gaps and favourites
 
 
+def first_difference(comp: Comparison, step: int | None = None) -> str | None:
+    """The first stage, in network order, whose output differs at ``step`` (default: the last compared step)."""
+    at = comp.at(comp.last_step if step is None else step)
+    return next((name for name in comp.stages if at.loc[name, "changed"] > 0), None)
+
+
+def first_differing_step(comp: Comparison) -> int | None:
+    """The first step at which any captured stage differs (None: every compared state is bitwise equal)."""
+    changed = comp.per_step[comp.per_step.changed > 0]
+    return int(changed.step.min()) if len(changed) else None
+
+
 def localise(comp: Comparison, handle: ModelHandle, step: int | None = None) -> Localisation:
     """Walk the stages in network order at ``step`` (default: the divergence step).
 
@@ -623,12 +635,10 @@ def localise(comp: Comparison, handle: ModelHandle, step: int | None = None) -> 
     at = comp.at(step)
     ta, tb = int(comp.a.tokens[step]), int(comp.b.tokens[step])
     rows = []
-    first_diff = first_flip = None
+    first_flip = None
     for name in comp.stages:
         row: dict[str, Any] = {"stage": name, "differs": bool(at.loc[name, "changed"] > 0),
                                "max_abs": float(at.loc[name, "max_abs"]), "cosine": float(at.loc[name, "cosine"])}
-        if row["differs"] and first_diff is None:
-            first_diff = name
         if is_residual(name) and name != "logits":
             for side, tr in (("a", comp.a), ("b", comp.b)):
                 lg = lens_logits(handle, name, tr.stage(name)[step:step + 1], [ta, tb])[0].double()
@@ -638,7 +648,7 @@ def localise(comp: Comparison, handle: ModelHandle, step: int | None = None) -> 
                 first_flip = name
         rows.append(row)
     table = pd.DataFrame(rows).set_index("stage")
-    return Localisation(step, (ta, tb), first_diff, first_flip, table)
+    return Localisation(step, (ta, tb), first_difference(comp, step), first_flip, table)
 
 
 @torch.no_grad()
