@@ -48,6 +48,7 @@ KEYS = {"name", "description", "experiment", "profile", "parameters", "grid", "b
         "book"}
 RAY_KEYS = {"address", "num_gpus", "accelerator_type", "transfer"}
 BACKENDS = ("local", "ray")
+PLACEMENT_KEYS = {"accelerator_type"}  # grid keys that place a cell (Ray resources), not notebook parameters
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -62,6 +63,7 @@ class Cell:
     id: str  # 12 hex digits: sha256 of notebook content, parameters and model weights hash
     values: dict[str, Any]  # the grid's values at this cell, in grid order
     parameters: dict[str, Any]  # profile, then ``parameters:``, then ``values``, checked against the notebook
+    placement: dict[str, Any] = field(default_factory=dict)  # e.g. {"accelerator_type": "H100"} (Ray only)
 
     @property
     def label(self) -> str:
@@ -93,8 +95,8 @@ class Campaign:
         return {"name": self.name, "experiment": self.experiment, "profile": self.profile,
                 "description": self.description, "parameters": self.parameters, "grid": self.grid,
                 "source": str(self.source) if self.source else None, "backend": self.backend,
-                "cells": [{"id": c.id, "label": c.label, "values": c.values, "parameters": c.parameters}
-                          for c in self.cells]}
+                "cells": [{"id": c.id, "label": c.label, "values": c.values, "parameters": c.parameters,
+                           "placement": c.placement} for c in self.cells]}
 
 
 def _short(v: Any) -> str:
@@ -173,6 +175,10 @@ def from_dict(doc: dict[str, Any], where: str = "campaign", root: Path | None = 
     except params.ParameterError as exc:
         raise bad("parameters", str(exc)) from None
     for key, values in grid.items():
+        if key in PLACEMENT_KEYS:
+            if not all(isinstance(v, str) for v in values):
+                raise bad(f"grid.{key}", f"takes Ray accelerator type names (e.g. H100, A100), got {values!r}")
+            continue
         try:
             for v in values:
                 params.check(experiment, src, {key: v})
@@ -181,6 +187,9 @@ def from_dict(doc: dict[str, Any], where: str = "campaign", root: Path | None = 
     backend = doc.get("backend", "local")
     if backend not in BACKENDS:
         raise bad("backend", f"{backend!r} is not one of {', '.join(BACKENDS)}")
+    for key in PLACEMENT_KEYS & set(grid):
+        if backend != "ray":
+            raise bad(f"grid.{key}", "places cells on Ray nodes: set backend: ray")
     workers = doc.get("workers", 1)
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
         raise bad("workers", f"must be a positive integer, got {workers!r}")
@@ -203,7 +212,9 @@ def from_dict(doc: dict[str, Any], where: str = "campaign", root: Path | None = 
     weights: dict[str, str] = {}
     for combo in itertools.product(*(grid[k] for k in keys)):
         values = dict(zip(keys, combo))
-        cell_params = params.check(experiment, src, {**base, **fixed, **values})
+        placement = {k: v for k, v in values.items() if k in PLACEMENT_KEYS}
+        given = {k: v for k, v in values.items() if k not in PLACEMENT_KEYS}
+        cell_params = params.check(experiment, src, {**base, **fixed, **given})
         model = cell_params.get("model", model_default.default if model_default else None)
         where_model = "grid.model" if "model" in values else "parameters.model"
         if isinstance(model, str) and model not in weights:
@@ -211,7 +222,9 @@ def from_dict(doc: dict[str, Any], where: str = "campaign", root: Path | None = 
         digest = hashlib.sha256(notebook)
         digest.update(json.dumps(cell_params, sort_keys=True, default=str).encode())
         digest.update(weights.get(model, "no-model").encode() if isinstance(model, str) else b"no-model")
-        cells.append(Cell(digest.hexdigest()[:12], values, cell_params))
+        if placement:
+            digest.update(json.dumps(placement, sort_keys=True).encode())
+        cells.append(Cell(digest.hexdigest()[:12], values, cell_params, placement))
     ids = [c.id for c in cells]
     if len(set(ids)) != len(ids):
         raise bad("grid", "two cells have the same parameters (a value is listed twice)")
@@ -425,8 +438,8 @@ def run(c: Campaign, backend: str | None = None, address: str | None = None, pro
     todo = [cell for cell in c.cells if states[cell.id] != "done"]
     print(f"campaign {c.name}: {len(c.cells)} cells, {len(skipped)} finished (skipped), {len(todo)} to run "
           f"on the {backend} backend; folder {c.folder}", file=sys.stderr, flush=True)
-    payloads = {cell.id: {"id": cell.id, "label": cell.label, "values": cell.values, "parameters": cell.parameters}
-                for cell in todo}
+    payloads = {cell.id: {"id": cell.id, "label": cell.label, "values": cell.values, "parameters": cell.parameters,
+                          "placement": cell.placement} for cell in todo}
     t0 = time.perf_counter()
     outcomes: dict[str, dict[str, Any]] = {}
     bar = tqdm(total=len(todo), desc=c.name, unit="cell", disable=not (progress and todo))
@@ -481,9 +494,10 @@ def _run_ray(c: Campaign, payloads: dict[str, dict], address: str | None):
             options["num_gpus"] = c.ray["num_gpus"]
         if c.ray.get("accelerator_type"):
             options["accelerator_type"] = c.ray["accelerator_type"]
-        task = ray.remote(_ray_cell).options(**options)
+        task = ray.remote(_ray_cell)
         transfer = c.ray.get("transfer", "auto")
-        pending = {task.remote(str(c.folder), c.experiment, p, c.profile, str(c.root), threads, transfer): i
+        pending = {task.options(**{**options, **p["placement"]}).remote(str(c.folder), c.experiment, p, c.profile,
+                                                                    str(c.root), threads, transfer): i
                    for i, p in payloads.items()}
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)

@@ -174,3 +174,32 @@ def divergence_matrix(cr: CampaignResults, pairs: pd.DataFrame) -> tuple[pd.Data
     labels = [cr.label(i) for i in ids]
     count.index = count.columns = earliest.index = earliest.columns = labels
     return count, earliest
+
+
+def determinism(cr: CampaignResults, pairs: pd.DataFrame, side: str = "A") -> pd.DataFrame:
+    """Per question, over the cells' greedy completions (one per cell): how many are unique, the first step at
+    which any two part, the first step at which any captured state differs, and the first stage differing there."""
+    got = traces(cr, side)
+    rows = []
+    for q in sorted({name for per in got.values() for name in per}):
+        have = {c: per[q] for c, per in got.items() if q in per}
+        unique = len({tuple(t.tokens.tolist()) for t in have.values()})
+        sub = pairs[pairs.question == q]
+        diff = sub.dropna(subset=["first differing step"])
+        first = diff.loc[diff["first differing step"].idxmin()] if len(diff) else None
+        rows.append({"question": q, "completions": len(have), "unique": unique,
+                     "first parting token": sub["divergence step"].min() if len(sub) else np.nan,
+                     "first differing step": None if first is None else int(first["first differing step"]),
+                     "first differing stage": None if first is None else first["first differing stage"]})
+    return pd.DataFrame(rows).set_index("question")
+
+
+def against_first_cell(cr: CampaignResults, pairs: pd.DataFrame) -> pd.DataFrame:
+    """cell × question: the step at which each cell's tokens part from the first cell's (NaN: never)."""
+    ref = cr.finished()[0]
+    sub = pairs[(pairs.cell_a == ref) | (pairs.cell_b == ref)].copy()
+    sub["cell"] = np.where(sub.cell_a == ref, sub.cell_b, sub.cell_a)
+    table = sub.pivot(index="cell", columns="question", values="divergence step").astype(float)
+    table = table.reindex([c for c in cr.finished() if c != ref])
+    table.index = [cr.label(c) for c in table.index]
+    return table

@@ -103,7 +103,7 @@ def cmd_capture(args: argparse.Namespace) -> int:
         else [s.strip() for s in args.stages.split(",") if s.strip()]
     t = trace.capture(h, args.prompt, args.out, steps=args.steps, stages=stages, use_cache=not args.no_cache,
                       batch_rows=args.batch_rows, threads=args.threads, top_k=args.top_k, chat=args.chat,
-                      stop_at_eos=not args.no_eos_stop)
+                      stop_at_eos=not args.no_eos_stop, companions=args.companion)
     print(f"{t.n_steps} steps ({t.label()}): {t.path}")
     return 0
 
@@ -237,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     cap.add_argument("--no-cache", action="store_true", help="re-run the whole sequence every step")
     cap.add_argument("--batch-rows", type=int, default=1)
     cap.add_argument("--threads", type=int, default=None)
+    cap.add_argument("--companion", action="append", default=[], metavar="PROMPT",
+                     help="another prompt in the same batch (repeatable; rows are left-padded and masked)")
     cap.add_argument("--top-k", type=int, default=10)
     cap.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     cap.add_argument("--no-eos-stop", action="store_true", help="keep generating after the EOS token")

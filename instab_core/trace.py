@@ -180,13 +180,16 @@ def _settings_key(m: dict[str, Any]) -> dict[str, Any]:
 def capture(handle: ModelHandle, prompt: str, out_dir: str | os.PathLike, steps: int = 100,
             stages: str | Sequence[str] = "seed_exp8_p1", use_cache: bool = True, batch_rows: int = 1,
             threads: int | None = None, top_k: int = 10, chat: bool = False, stop_at_eos: bool = True,
-            chunk: int = 32, progress: bool = True) -> "Trace":
+            chunk: int = 32, progress: bool = True, companions: Sequence[str] = ()) -> "Trace":
     """Greedy-generate ``steps`` tokens from ``prompt`` and write a trace folder to ``out_dir``.
 
     ``use_cache``: decode one token per step with the KV cache (False: re-run the whole sequence
     every step — O(T²), and not bitwise the same computation). ``batch_rows``: run the prompt as
     row 0 of a batch of that many identical rows (batch shape is a source of variation; only row 0
-    is recorded). ``threads``: torch intra-op threads during the capture (restored afterwards).
+    is recorded). ``companions``: other prompts in the same batch, after those rows, each generating its own
+    greedy tokens; rows are left-padded to the longest prompt, with the attention mask and position ids of each
+    row's own tokens, so the traced row computes its prompt alone up to rounding (batch composition is a source
+    of variation). ``threads``: torch intra-op threads during the capture (restored afterwards).
     Stage outputs are taken at row 0, last position. Every ``chunk`` steps the arrays (and the KV
     cache) are written atomically; calling again with the same arguments on an interrupted folder
     resumes from the last chunk and gives the same result bit for bit. Cost: one prompt forward
@@ -198,10 +201,13 @@ def capture(handle: ModelHandle, prompt: str, out_dir: str | os.PathLike, steps:
         raise TraceError("batch_rows, top_k and chunk must be at least 1")
     out = Path(out_dir)
     ids = prompt_ids(handle, prompt, chat)
-    most = max_steps(handle, prompt, chat)
-    if most is not None and steps > most:
-        raise TraceError(f"prompt ({len(ids)} tokens) + {steps} steps exceeds the model's {handle.max_positions} "
-                         f"positions: use steps <= {most} (trace.max_steps gives it)")
+    companions = [str(c) for c in companions]
+    for text in [prompt, *companions]:
+        most = max_steps(handle, text, chat)
+        if most is not None and steps > most:
+            raise TraceError(f"prompt {text[:40]!r} ({len(prompt_ids(handle, text, chat))} tokens) + {steps} steps "
+                             f"exceeds the model's {handle.max_positions} positions: use steps <= {most} "
+                             "(trace.max_steps gives it)")
     mods = stage_modules(handle, stages)
     old_threads = torch.get_num_threads()
     if threads is not None:
@@ -212,7 +218,9 @@ def capture(handle: ModelHandle, prompt: str, out_dir: str | os.PathLike, steps:
             "prompt_ids": ids.tolist(),
             "settings": {"steps": steps, "use_cache": use_cache, "batch_rows": batch_rows, "top_k": top_k,
                          "chat": chat, "stop_at_eos": stop_at_eos, "chunk": chunk,
-                         "threads": torch.get_num_threads()},
+                         "threads": torch.get_num_threads(),
+                         **({"companions": [prompt_ids(handle, c, chat).tolist() for c in companions]}
+                            if companions else {})},
             "stages": list(mods), "model": handle.describe(), "environment": environment(),
         }
         return _generate(handle, ids, out, manifest, mods, progress)
@@ -225,6 +233,7 @@ def _generate(handle: ModelHandle, ids: torch.Tensor, out: Path, manifest: dict[
               mods: dict[str, torch.nn.Module], progress: bool) -> "Trace":
     s = manifest["settings"]
     tokens: list[int] = []
+    others: list[list[int]] = [[] for _ in s.get("companions", [])]  # each companion's generated tokens
     if (out / "manifest.json").is_file():
         old = json.loads((out / "manifest.json").read_text())
         if old.get("complete"):
@@ -234,7 +243,7 @@ def _generate(handle: ModelHandle, ids: torch.Tensor, out: Path, manifest: dict[
         if _settings_key(old) != _settings_key(manifest):
             raise TraceError(f"{out} holds an interrupted trace with other settings: delete it or use "
                              "another folder")
-        tokens = _resume_tokens(out, old, s["use_cache"])
+        tokens, others = _resume_tokens(out, old, s["use_cache"])
     manifest["steps_done"] = len(tokens)
     write_json(out / "manifest.json", manifest)
 
@@ -249,33 +258,54 @@ def _generate(handle: ModelHandle, ids: torch.Tensor, out: Path, manifest: dict[
     handles = [m.register_forward_hook(hook(n)) for n, m in mods.items()]
     eos = handle.tokenizer.eos_token_id
     rows = s["batch_rows"]
+    prompts = [ids.tolist()] * rows + [list(c) for c in s.get("companions", [])]
     cache = None
     buffer: dict[str, list] = {}
+    dev = handle.device
     try:
-        def forward(new_ids: torch.Tensor) -> torch.Tensor:
+        def forward(step_tokens: list[list[int]], whole: bool) -> torch.Tensor:
+            """Logits of every row's last position. ``whole``: the rows' full sequences (prompt + generated),
+            else one new token per row on top of the cache."""
             nonlocal cache
             current.clear()
-            batch = new_ids[None].expand(rows, -1)
+            seqs = [p + g for p, g in zip(prompts, step_tokens)] if whole else step_tokens
+            if not s.get("companions"):  # identical rows: no mask, exactly the computation of a lone prompt
+                batch = torch.tensor(seqs[0], device=dev)[None].expand(rows, -1)
+                kw = {}
+            else:
+                lengths = torch.tensor([len(p) + len(g) for p, g in zip(prompts, generated())], device=dev)
+                width = max(len(q) for q in seqs)
+                pad = handle.tokenizer.pad_token_id if handle.tokenizer.pad_token_id is not None else (eos or 0)
+                batch = torch.tensor([[pad] * (width - len(q)) + q for q in seqs], device=dev)
+                total = int(lengths.max())
+                # left padding: row r's tokens sit at the right end; its positions count its own tokens only
+                mask = (torch.arange(total, device=dev)[None] >= (total - lengths)[:, None]).long()
+                positions = (mask.cumsum(1) - 1).clamp(min=0)[:, -batch.shape[1]:]
+                kw = {"attention_mask": mask, "position_ids": positions}
             if s["use_cache"]:
-                o = handle.model(input_ids=batch, past_key_values=cache, use_cache=True)
+                o = handle.model(input_ids=batch, past_key_values=cache, use_cache=True, **kw)
                 cache = o.past_key_values
             else:
-                o = handle.model(input_ids=batch, use_cache=False)
-            return o.logits[0, -1]
+                o = handle.model(input_ids=batch, use_cache=False, **kw)
+            return o.logits[:, -1]
+
+        def generated() -> list[list[int]]:
+            return [tokens] * rows + others
 
         done = len(tokens)
         if done == 0:
-            logits = forward(ids)
+            logits = forward([[] for _ in prompts], whole=True)
         elif s["use_cache"]:
             cache, cached = _load_cache(out / "kv_cache.safetensors", handle)
             if cached != done:
                 raise TraceError(f"{out}: KV cache is at step {cached}, arrays at {done}: delete the folder")
-            logits = forward(torch.tensor(tokens[-1:], device=handle.device))
+            logits = forward([g[-1:] for g in generated()], whole=False)
         else:
-            logits = forward(torch.cat([ids, torch.tensor(tokens, device=handle.device)]))
+            logits = forward(generated(), whole=True)
         bar = tqdm(total=s["steps"], initial=done, desc="trace", disable=not progress, leave=False)
         t = done
         while True:
+            batch_logits, logits = logits, logits[0]
             probs = torch.softmax(logits.float(), dim=-1)
             top = torch.topk(logits, s["top_k"])
             token = int(torch.argmax(logits))
@@ -286,6 +316,11 @@ def _generate(handle: ModelHandle, ids: torch.Tensor, out: Path, manifest: dict[
             for k, v in step.items():
                 buffer.setdefault(k, []).append(v)
             tokens.append(token)
+            if others:
+                picks = [int(torch.argmax(batch_logits[rows + i])) for i in range(len(others))]
+                for g, c in zip(others, picks):
+                    g.append(c)
+                buffer.setdefault("companion_tokens", []).append(np.array(picks, dtype=np.int64))
             t += 1
             bar.update(1)
             finished = t >= s["steps"] or (s["stop_at_eos"] and eos is not None and token == eos)
@@ -294,8 +329,8 @@ def _generate(handle: ModelHandle, ids: torch.Tensor, out: Path, manifest: dict[
                 buffer = {}
             if finished:
                 break
-            logits = forward(torch.tensor([token], device=handle.device) if s["use_cache"]
-                             else torch.cat([ids, torch.tensor(tokens, device=handle.device)]))
+            logits = forward([g[-1:] for g in generated()] if s["use_cache"] else generated(),
+                             whole=not s["use_cache"])
         bar.close()
     finally:
         for hd in handles:
@@ -331,20 +366,25 @@ def _chunk_files(out: Path) -> list[Path]:
     return sorted((out / "steps").glob("*.npz"))
 
 
-def _resume_tokens(out: Path, manifest: dict[str, Any], use_cache: bool) -> list[int]:
+def _resume_tokens(out: Path, manifest: dict[str, Any], use_cache: bool) -> tuple[list[int], list[list[int]]]:
+    """The traced row's tokens so far, and each companion row's."""
     done = int(manifest["steps_done"])
     tokens: list[int] = []
+    others: list[list[int]] = [[] for _ in manifest["settings"].get("companions", [])]
     for f in _chunk_files(out):
         start = int(f.stem)
         if start >= done:
             f.unlink()  # written after the last consistent manifest
             continue
-        tokens += _read_chunk(f)["token"].tolist()
+        chunk = _read_chunk(f)
+        tokens += chunk["token"].tolist()
+        for g, col in zip(others, chunk["companion_tokens"].T if others else []):
+            g += col.tolist()
     if len(tokens) != done:
         raise TraceError(f"{out}: manifest says {done} steps but the chunks hold {len(tokens)}: delete the folder")
     if use_cache and done and not (out / "kv_cache.safetensors").is_file():
         raise TraceError(f"{out}: interrupted cached trace without its KV cache: delete the folder")
-    return tokens
+    return tokens, others
 
 
 def _write_tokens(out: Path, handle: ModelHandle, prompt: list[int], tokens: list[int]) -> None:
@@ -433,8 +473,9 @@ class Trace:
 
     def label(self) -> str:
         m, s = self.manifest["model"], self.manifest["settings"]
+        with_others = f" + {len(s['companions'])} other prompts" if s.get("companions") else ""
         return (f"{m['dtype']}, {m['attn_implementation']}, {'KV cache' if s['use_cache'] else 'no cache'}, "
-                f"batch {s['batch_rows']}, {m['device_name']}")
+                f"batch {s['batch_rows']}{with_others}, {m['device_name']}")
 
 
 # ---------------------------------------------------------------------------------------------

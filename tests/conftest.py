@@ -45,7 +45,7 @@ def repo() -> Path:
 
 
 # The user's work: a checkout may hold a full book or hours of GPU runs here. Tests never write into them.
-USER_AREAS = ("book/experiments", "_build", "results")
+USER_AREAS = ("book/experiments", "book/campaigns", "_build", "results", "campaigns")
 
 
 def scratch_checkout(dest: Path, src: Path = REPO) -> Path:
@@ -112,6 +112,19 @@ def _find_chromium() -> str | None:
         if path:
             return path
     return None
+
+
+@pytest.fixture(scope="session")
+def rendered(built_book, chromium):
+    """Each page loaded once over file:// in headless Chromium (cached across tests)."""
+    cache: dict[Path, object] = {}
+
+    def get(page: Path):
+        if page not in cache:
+            cache[page] = load_page(chromium, page.resolve().as_uri())
+        return cache[page]
+
+    return get
 
 
 @pytest.fixture(scope="session")

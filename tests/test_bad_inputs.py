@@ -272,6 +272,7 @@ def test_two_runs_at_once_never_share_a_folder(checkout, tmp_path):
 def _trimmed_checkout(dest: Path, src: Path, stem: str) -> Path:
     """A checkout whose book has one experiment page (keeps the build to seconds)."""
     root = scratch_checkout(dest, src)
+    shutil.rmtree(root / "examples")  # no book campaign either
     for nb in (root / "nbs").glob("*.ipynb"):
         if nb.stem != stem:
             nb.unlink()

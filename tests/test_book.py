@@ -84,19 +84,6 @@ def test_no_external_assets(built_book) -> None:
     assert not offenders, "external assets:\n" + "\n".join(offenders)
 
 
-@pytest.fixture(scope="session")
-def rendered(built_book, chromium):
-    """Each page loaded once over file:// in headless Chromium (cached across tests)."""
-    cache: dict[Path, object] = {}
-
-    def get(page: Path):
-        if page not in cache:
-            cache[page] = load_page(chromium, page.resolve().as_uri())
-        return cache[page]
-
-    return get
-
-
 def test_netlog_sees_external_requests(chromium, tmp_path: Path) -> None:
     """Control: the net-log check does flag a page that fetches from a CDN (else the offline test is vacuous)."""
     page = tmp_path / "cdn.html"

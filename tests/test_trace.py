@@ -235,3 +235,52 @@ def test_capture_and_compare_commands(handle, tmp_path, capsys):
     assert main(["capture", "Another prompt", "--out", str(other), *common]) == 0
     assert main(["compare", str(tmp_path / "a"), str(other), "--no-model"]) == 2
     assert "different prompts" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def handle64(request, tmp_path_factory):
+    """A fresh random model in true float64: batch composition must not change the answer beyond rounding."""
+    return ic.load_model(random_model_dir(tmp_path_factory.mktemp(f"{request.param}64"), request.param),
+                         dtype="float64")
+
+
+COMPANIONS = ["a much longer companion prompt, padded to nothing", "hi"]  # one longer (pads the traced row), one shorter
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_companion_rows_are_padded_masked_and_positioned_as_if_alone(handle64, tmp_path, use_cache):
+    """The traced row among other prompts (left-padded, masked, own positions) gives its lone tokens and states up to
+    float64 rounding; each companion row generates exactly the tokens it generates alone."""
+    kw = dict(steps=8, stages="residual", use_cache=use_cache, stop_at_eos=False, chunk=3, progress=False)
+    mixed = tr.capture(handle64, PROMPT, tmp_path / "mixed", companions=COMPANIONS, **kw)
+    alone = tr.capture(handle64, PROMPT, tmp_path / "alone", **kw)
+    assert mixed.tokens.tolist() == alone.tokens.tolist()
+    for stage in alone.stages:
+        np.testing.assert_allclose(mixed.stage(stage).numpy(), alone.stage(stage).numpy(), rtol=1e-9, atol=1e-11)
+    got = mixed.arrays["companion_tokens"]
+    assert got.shape == (8, len(COMPANIONS))
+    for i, text in enumerate(COMPANIONS):
+        own = tr.capture(handle64, text, tmp_path / f"own{i}", **kw)
+        assert got[:, i].tolist() == own.tokens.tolist(), text
+    assert mixed.manifest["settings"]["companions"][1] == tr.prompt_ids(handle64, "hi").tolist()
+
+
+def test_interrupted_capture_with_companions_resumes_to_the_same_bits(handle, tmp_path):
+    kw = dict(steps=9, stages="residual", stop_at_eos=False, chunk=3, progress=False, companions=COMPANIONS)
+    whole = tr.capture(handle, PROMPT, tmp_path / "whole", **kw)
+    calls = {"n": 0}
+
+    def crash(module, args):
+        calls["n"] += 1
+        if calls["n"] > 5:
+            raise KeyboardInterrupt("simulated interruption")
+
+    hd = handle.model.register_forward_pre_hook(crash)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            tr.capture(handle, PROMPT, tmp_path / "cut", **kw)
+    finally:
+        hd.remove()
+    resumed = tr.capture(handle, PROMPT, tmp_path / "cut", **kw)
+    for k, v in whole.arrays.items():
+        assert np.array_equal(v.view(np.uint8), resumed.arrays[k].view(np.uint8)), k
