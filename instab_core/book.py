@@ -7,6 +7,7 @@ Source notebooks live in ``nbs/``; executed copies go to ``book/experiments/`` (
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -201,7 +202,7 @@ def run_notebook(
         env["INSTAB_RESULTS"] = str(Path(results_root).resolve())
     try:
         ok, error, seconds = execute(src, out, parameters, root, env=env, progress=progress,
-                                     finish=lambda tmp: _stamp_profile(tmp, profile, parameters))
+                                     finish=lambda tmp, secs: _stamp(tmp, profile, parameters, secs, record, root))
         lines = record.read_text().splitlines() if record.exists() else []
     finally:
         record.unlink(missing_ok=True)
@@ -220,7 +221,7 @@ def execute(src: Path, out: Path, parameters: dict, root: Path, env: dict[str, s
     """Papermill ``src`` into ``out`` atomically (kernel cwd ``root``, extra environment ``env``).
 
     Returns (ok, error, seconds). A failed execution keeps its partly executed notebook at ``out``; ``finish``
-    (a function of the temporary output path) runs before it is moved into place. Another process writing the
+    (a function of the temporary output path and the seconds taken) runs before it is moved into place. Another process writing the
     same ``out`` is waited for.
     """
     import papermill
@@ -260,7 +261,7 @@ def execute(src: Path, out: Path, parameters: dict, root: Path, env: dict[str, s
                 os.environ[k] = v
         if tmp.exists() and tmp.stat().st_size > 0:
             if finish is not None:
-                finish(tmp)
+                finish(tmp, seconds)
             os.replace(tmp, out)
         else:
             tmp.unlink(missing_ok=True)
@@ -269,10 +270,13 @@ def execute(src: Path, out: Path, parameters: dict, root: Path, env: dict[str, s
     return ok, error, seconds
 
 
-def _stamp_profile(executed: Path, profile: str, parameters: dict) -> None:
-    """Say under the page's title which parameter profile it ran with (and record it in the metadata)."""
+def _stamp(executed: Path, profile: str, parameters: dict, seconds: float, record: Path, root: Path) -> None:
+    """Say under the page's title which parameter profile it ran with, and end the page with its provenance
+    (from the manifests of the runs it finished); both are recorded in the notebook's metadata too."""
     nb = nbformat.read(executed, as_version=4)
-    nb.metadata.setdefault("instab", {})["run"] = {"profile": profile, "parameters": parameters}
+    runs = [Path(s.strip()) for s in (record.read_text().splitlines() if record.exists() else []) if s.strip()]
+    nb.metadata.setdefault("instab", {})["run"] = {"profile": profile, "parameters": parameters,
+                                                   "seconds": round(seconds, 3), "results": [str(p) for p in runs]}
     given = ", ".join(f"`{k}={v!r}`" for k, v in parameters.items()) or "none"
     what = {"default": "its default parameters", "smoke": "the `smoke` profile (small test settings)",
             "seed": "the `seed` profile (the seed's own sizes)"}.get(profile, f"the `{profile}` profile")
@@ -281,7 +285,36 @@ def _stamp_profile(executed: Path, profile: str, parameters: dict) -> None:
                                          "and profile.*")
     cell.metadata["tags"] = ["instab-profile"]
     nb.cells.insert(1 if nb.cells and nb.cells[0].cell_type == "markdown" else 0, cell)
+    nb.cells.append(provenance_cell(runs, profile, seconds, root))
     nbformat.write(nb, executed)
+
+
+def provenance_cell(runs: list[Path], profile: str, seconds: float, root: Path) -> nbformat.NotebookNode:
+    """A markdown cell: model and weights hash, dtype, device, versions, git commit, profile, wall time and results
+    folder of each run a page finished (read from the runs' manifests)."""
+    lines = ["## Provenance", "", "| | |", "|---|---|",
+             f"| profile | `{profile}` |", f"| notebook wall time | {seconds:.1f} s |"]
+    if not runs:
+        lines.append("| results | this page finished no results run (it failed first, or writes none) |")
+    for path in runs:
+        f = Path(path) / "manifest.json"
+        if not f.is_file():
+            lines.append(f"| results | `{_rel(Path(path), root)}` (no manifest) |")
+            continue
+        m = json.loads(f.read_text())
+        model, env, git = m.get("model") or {}, m.get("environment") or {}, m.get("git") or {}
+        commit = (git.get("commit") or "unknown")[:12] + (" (uncommitted changes)" if git.get("dirty") else "")
+        rows = {"results": f"`{_rel(Path(path), root)}` ({m.get('experiment')}, {m.get('wall_seconds', 0):.1f} s)"}
+        if model:
+            rows["model"] = f"`{model.get('model')}` ({model.get('architecture')}), weights `{model.get('weights_hash')}`"
+            rows["dtype, device"] = f"{model.get('dtype')}, {model.get('device_name') or model.get('device')}"
+        rows["versions"] = (f"torch {env.get('torch')}, transformers {env.get('transformers')}, "
+                            f"python {env.get('python')}" + (f", CUDA {env['cuda']}" if env.get("cuda") else ""))
+        rows["git commit"] = commit
+        lines += [f"| {k} | {v} |" for k, v in rows.items()]
+    cell = nbformat.v4.new_markdown_cell("\n".join(lines))
+    cell.metadata["tags"] = ["instab-provenance"]
+    return cell
 
 
 def _lock_output(out: Path) -> Any:
@@ -466,6 +499,7 @@ def build_book_report(
             _write_stub(path, title, f"it failed before producing output ({err})" if run else err)
 
     campaigns = _book_campaigns(root, run)
+    _write_status_page(root, runs, campaigns, profile)
     _copy_plotly_js(root)
     problems: list[str] = []
     mj = _ensure_mathjax(root)
@@ -527,6 +561,46 @@ def _book_campaigns(root: Path, run: bool) -> dict[str, NotebookRun]:
         out[str(doc.get("name"))] = NotebookRun(f"campaign {doc.get('name')}", page, results, ok, error,
                                                 time.perf_counter() - t0)
     return out
+
+
+STATUS_PAGE = "book/status.md"
+
+
+def machine() -> dict[str, Any]:
+    """The CPU model, its cores and the GPUs of this machine (for the status page)."""
+    import platform
+
+    import torch
+    cpu = platform.processor() or platform.machine()
+    try:
+        names = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                 if ln.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() \
+        else []
+    return {"cpu": cpu, "cores": os.cpu_count(), "gpus": gpus, "host": platform.node(), "python": sys.version.split()[0]}
+
+
+def _write_status_page(root: Path, runs: dict[str, NotebookRun], campaigns: dict[str, NotebookRun],
+                       profile: str) -> None:
+    """``book/status.md``: every page of this build, its status and wall time, and the machine it ran on."""
+    from .results import git_commit
+
+    m = machine()
+    git = git_commit()
+    commit = (git.get("commit") or "unknown")[:12] + (" (uncommitted changes)" if git.get("dirty") else "")
+    lines = ["# Build status", "",
+             f"Built {time.strftime('%Y-%m-%d %H:%M %Z')} from commit `{commit}` with the `{profile}` profile, on "
+             f"{m['cpu']} ({m['cores']} cores){'; GPUs: ' + ', '.join(m['gpus']) if m['gpus'] else ', no GPU'}. "
+             "Each page ends with its own provenance (model, weights hash, versions, results folder).", "",
+             "| page | status | wall time | results |", "|---|---|---|---|"]
+    for r in [*runs.values(), *campaigns.values()]:
+        status = "ok" if r.ok else "**failed**: " + " ".join((r.error or "").split())[:160].replace("|", "\\|")
+        where = ", ".join(f"`{_rel(p, root)}`" for p in r.results) or "–"
+        lines.append(f"| {r.executed.stem} | {status} | {r.seconds:.1f} s | {where} |")
+    (root / STATUS_PAGE).write_text("\n".join(lines) + "\n")
 
 
 def _is_stub(path: Path) -> bool:

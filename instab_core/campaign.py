@@ -291,7 +291,12 @@ def execute_cell(folder: Path, experiment: str, cell: dict[str, Any], profile: s
     cell_id = cell["id"]
     final, partial = folder / cell_id, folder / f"{cell_id}{PARTIAL}"
     partial.mkdir(parents=True, exist_ok=True)
-    lock = _try_lock(partial)
+    lock = None
+    for _ in range(20):  # `instab campaign status` probes the lock for an instant: do not lose the cell to it
+        lock = _try_lock(partial)
+        if lock is not None:
+            break
+        time.sleep(0.05)
     if lock is None:
         raise CampaignError(f"cell {cell_id} is being run by another process ({partial} is locked)")
     if final.exists():

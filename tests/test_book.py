@@ -127,3 +127,32 @@ def test_page_states_its_profile(built_book, name: str) -> None:
     stamps = [c for c in nb.cells if "instab-profile" in c.metadata.get("tags", [])]
     assert len(stamps) == 1 and "`smoke` profile" in stamps[0].source, stamps
     assert nb.metadata["instab"]["run"]["profile"] == "smoke"
+
+
+@pytest.mark.parametrize("name", TOC_NAMES)
+def test_page_ends_with_its_provenance(built_book, name: str) -> None:
+    """The last cell of each executed page is its provenance, read from the manifests of the runs it finished."""
+    import json
+
+    import nbformat
+    run = built_book.runs[name]
+    if not run.ok:
+        pytest.skip(f"{name} did not run")
+    nb = nbformat.read(run.executed, as_version=4)
+    last = nb.cells[-1]
+    assert "instab-provenance" in last.metadata.get("tags", []), last.source[:200]
+    assert "| profile | `smoke` |" in last.source and "git commit" in last.source
+    for folder in run.results:
+        m = json.loads((folder / "manifest.json").read_text())
+        assert folder.name in last.source
+        if m.get("model"):
+            assert m["model"]["weights_hash"] in last.source and m["environment"]["torch"] in last.source
+
+
+def test_status_page_lists_every_page_and_the_machine(built_book) -> None:
+    page = built_book.html / "book" / "status.html"
+    assert page.is_file()
+    text = page.read_text()
+    for r in [*built_book.runs.values(), *built_book.campaigns.values()]:
+        assert r.executed.stem in text, r.executed.stem
+    assert book.machine()["cpu"] in text

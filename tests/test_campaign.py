@@ -151,7 +151,7 @@ def _variant(reference: C.Campaign, tmp_path: Path, **change) -> Path:
     doc = yaml.safe_load(reference.source.read_text())
     doc.update(change)
     f = tmp_path / "campaign.yaml"
-    f.write_text(yaml.safe_dump(doc))
+    f.write_text(yaml.safe_dump(doc, sort_keys=False))  # the grid's key order is the cells' order
     return f
 
 
@@ -160,12 +160,26 @@ def _same_results(a: C.Campaign, b_folder: Path) -> None:
         assert _arrays(a.folder / cell.id) == _arrays(b_folder / cell.id), f"cell {cell.id} ({cell.label}) differs"
 
 
+def _wait_until_gone(pgid: int, seconds: float = 30) -> None:
+    deadline = time.time() + seconds
+    while True:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        assert time.time() < deadline, f"process group {pgid} survived SIGKILL"
+        time.sleep(0.1)
+
+
 @pytest.mark.slow
 def test_interrupted_campaign_resumes_exactly_the_unfinished_cells(reference, tmp_path):
     """SIGKILL the campaign (driver, worker and kernel) while its second cell runs; the re-run runs the other three
     cells only, and every cell's arrays equal the uninterrupted campaign's bit for bit."""
-    f = _variant(reference, tmp_path, workers=1, threads=1)
+    threads = C.threads_per_cell(reference)  # the thread count changes the bits: keep the reference's
+    f = _variant(reference, tmp_path, workers=1, threads=threads)
     out = tmp_path / "out"
+    cells = C.load(f, root=reference.root, folder=out).cells
+    assert [c.id for c in cells] == [c.id for c in reference.cells]
     cmd = [sys.executable, "-m", "instab_core.cli", "campaign", "run", str(f), "--out", str(out)]
     proc = subprocess.Popen(cmd, cwd=reference.root, start_new_session=True, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
@@ -178,12 +192,14 @@ def test_interrupted_campaign_resumes_exactly_the_unfinished_cells(reference, tm
     time.sleep(3)  # well inside the second cell (a cell takes ~10 s)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    _wait_until_gone(proc.pid)  # the cell's process too (its flock goes with it)
     states = {cell.id: C.cell_state(out, cell.id)[0] for cell in reference.cells}
     assert list(states.values()) == ["done", "interrupted", "pending", "pending"], states
     assert not (out / second).exists(), "an interrupted cell never looks finished"
     finished = (out / first / C.CELL_FILE).read_bytes()
 
-    again = C.run(C.load(f, root=reference.root, folder=out), progress=False)
+    f2 = _variant(reference, tmp_path, workers=2, threads=threads)  # the re-run may use more workers
+    again = C.run(C.load(f2, root=reference.root, folder=out), progress=False)
     assert again.skipped == [first]
     assert sorted(again.outcomes) == sorted(c.id for c in reference.cells[1:]) and not again.failed
     assert (out / first / C.CELL_FILE).read_bytes() == finished, "a finished cell is never run again"

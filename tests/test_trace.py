@@ -118,24 +118,28 @@ def test_logits_are_matched_by_token_id_when_ranks_swap(base_trace, tmp_path):
     assert (table["logit_b − logit_a"].dropna() == 0).all()
 
 
-@pytest.mark.parametrize("use_cache", [True, False])
-def test_interrupted_capture_resumes_to_the_same_bits(handle, tmp_path, use_cache):
-    kwargs = dict(steps=11, stages="residual", use_cache=use_cache, stop_at_eos=False, chunk=3, progress=False)
-    whole = tr.capture(handle, PROMPT, tmp_path / "whole", **kwargs)
-    stop_after = int(RNG.integers(4, 10))
+def _interrupted_capture(handle, out, forwards: int, **kwargs) -> None:
+    """Capture into ``out`` and interrupt it (KeyboardInterrupt) after ``forwards`` model forwards."""
     calls = {"n": 0}
 
     def crash(module, args):
         calls["n"] += 1
-        if calls["n"] > stop_after:
+        if calls["n"] > forwards:
             raise KeyboardInterrupt("simulated interruption")
 
     hd = handle.model.register_forward_pre_hook(crash)
     try:
         with pytest.raises(KeyboardInterrupt):
-            tr.capture(handle, PROMPT, tmp_path / "cut", **kwargs)
+            tr.capture(handle, PROMPT, out, **kwargs)
     finally:
         hd.remove()
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_interrupted_capture_resumes_to_the_same_bits(handle, tmp_path, use_cache):
+    kwargs = dict(steps=11, stages="residual", use_cache=use_cache, stop_at_eos=False, chunk=3, progress=False)
+    whole = tr.capture(handle, PROMPT, tmp_path / "whole", **kwargs)
+    _interrupted_capture(handle, tmp_path / "cut", int(RNG.integers(4, 10)), **kwargs)
     with pytest.raises(tr.TraceError, match="incomplete"):
         tr.Trace(tmp_path / "cut")
     resumed = tr.capture(handle, PROMPT, tmp_path / "cut", **kwargs)
@@ -268,19 +272,7 @@ def test_companion_rows_are_padded_masked_and_positioned_as_if_alone(handle64, t
 def test_interrupted_capture_with_companions_resumes_to_the_same_bits(handle, tmp_path):
     kw = dict(steps=9, stages="residual", stop_at_eos=False, chunk=3, progress=False, companions=COMPANIONS)
     whole = tr.capture(handle, PROMPT, tmp_path / "whole", **kw)
-    calls = {"n": 0}
-
-    def crash(module, args):
-        calls["n"] += 1
-        if calls["n"] > 5:
-            raise KeyboardInterrupt("simulated interruption")
-
-    hd = handle.model.register_forward_pre_hook(crash)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            tr.capture(handle, PROMPT, tmp_path / "cut", **kw)
-    finally:
-        hd.remove()
+    _interrupted_capture(handle, tmp_path / "cut", 5, **kw)
     resumed = tr.capture(handle, PROMPT, tmp_path / "cut", **kw)
     for k, v in whole.arrays.items():
         assert np.array_equal(v.view(np.uint8), resumed.arrays[k].view(np.uint8)), k
