@@ -378,6 +378,12 @@ def _unpack(folder: Path, cell_id: str, data: bytes) -> None:
             if target.exists():
                 shutil.rmtree(target)
             os.replace(p, target)
+    stale = folder / f"{cell_id}{PARTIAL}"  # an earlier interrupted attempt here: the cell is now finished
+    if (folder / cell_id / CELL_FILE).is_file() and stale.is_dir():
+        lock = _try_lock(stale)
+        if lock is not None:
+            lock.close()
+            shutil.rmtree(stale)
 
 
 # --- running a campaign -----------------------------------------------------------------------------------

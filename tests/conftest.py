@@ -116,15 +116,24 @@ def _find_chromium() -> str | None:
 
 @pytest.fixture(scope="session")
 def rendered(built_book, chromium):
-    """Each page loaded once over file:// in headless Chromium (cached across tests)."""
-    cache: dict[Path, object] = {}
+    """Each page loaded once over file:// in headless Chromium (cached across tests). The book's pages are all
+    loaded up front, two Chromiums at a time (a page costs seconds of plotly and MathJax, mostly single-threaded)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=2)
+    html = built_book.html / "book"
+    pages = [*sorted(html.glob("*.html")), *sorted((html / "experiments").glob("*.html")),
+             *sorted((html / "campaigns").glob("*.html"))]
+    cache = {p.resolve(): pool.submit(load_page, chromium, p.resolve().as_uri()) for p in pages}
 
     def get(page: Path):
+        page = page.resolve()
         if page not in cache:
-            cache[page] = load_page(chromium, page.resolve().as_uri())
-        return cache[page]
+            cache[page] = pool.submit(load_page, chromium, page.as_uri())
+        return cache[page].result()
 
-    return get
+    yield get
+    pool.shutdown(cancel_futures=True)
 
 
 @pytest.fixture(scope="session")
