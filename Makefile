@@ -45,6 +45,7 @@ bench: setup
 	$(BIN)/python benchmarks/bench_curvature.py
 	$(BIN)/python benchmarks/bench_prefix_cache.py
 	$(BIN)/python benchmarks/bench_scale_costs.py
+	$(BIN)/python benchmarks/bench_campaign.py
 
 # Every notebook with its default parameters on llama-3.2-1b -L 2 (d=2048, V=128256), built locally: benchmarks/scale.md
 bench-scale: setup

@@ -326,7 +326,7 @@ def execute_cell(folder: Path, experiment: str, cell: dict[str, Any], profile: s
 def _cell_env(threads: int, cuda_visible_devices: str | None) -> dict[str, str]:
     """The environment of a cell's process; its kernel inherits it (torch reads OMP_NUM_THREADS at start)."""
     env = dict(os.environ)
-    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), INSTAB_CELL_THREADS=str(threads))
+    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     if cuda_visible_devices is not None:
         env["CUDA_VISIBLE_DEVICES"] = cuda_visible_devices
     return env
