@@ -148,6 +148,35 @@ def chromium() -> str:
     return path
 
 
+@pytest.fixture(scope="session")
+def browser_type_launch_args(browser_type_launch_args, chromium):
+    """pytest-playwright drives Debian's Chromium (no browser download): headless, with the flags above."""
+    return {**browser_type_launch_args, "executable_path": chromium, "args": CHROMIUM_FLAGS[1:]}
+
+
+class OfflinePage:
+    """A playwright page whose requests to any host but this machine are aborted (and recorded in ``blocked``)."""
+
+    def __init__(self, context) -> None:
+        self.blocked: list[str] = []
+        context.route("**/*", self._route)
+        self.page = context.new_page()
+
+    def _route(self, route) -> None:
+        url = route.request.url
+        if url.startswith(("file:", "data:", "blob:")) or urlparse(url).hostname in LOCAL_HOSTS:
+            route.continue_()
+        else:
+            self.blocked.append(url)
+            route.abort()
+
+
+@pytest.fixture
+def offline_page(context) -> OfflinePage:
+    """A fresh playwright page (pytest-playwright's ``context``) that cannot reach off-machine URLs."""
+    return OfflinePage(context)
+
+
 @dataclass
 class Rendered:
     """What headless Chromium saw: the DOM after scripts ran, and the page's own network requests."""
