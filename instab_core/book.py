@@ -7,6 +7,7 @@ Source notebooks live in ``nbs/``; executed copies go to ``book/experiments/`` (
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import re
@@ -17,7 +18,7 @@ import tarfile
 import tempfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import nbformat
@@ -30,6 +31,12 @@ CAMPAIGNS_DIR = "book/campaigns"  # campaign report pages (_toc.yml globs them u
 STATIC_DIR = "book/_static"
 MATHJAX_VERSION = "3.2.2"
 MATHJAX_FILE = "mathjax/tex-svg-full.js"  # relative to STATIC_DIR; must match mathjax_path in _config.yml
+# Widget JS lives under html_extra_path, not html_static_path: jupyter-book adds every .js under _static to every
+# page, while myst-nb adds these two only to pages with saved widget state (nb_ipywidgets_js in _config.yml).
+EXTRA_DIR = "book/_extra"
+WIDGETS_DIR = f"{EXTRA_DIR}/_static/widgets"
+HTML_MANAGER_VERSION = "1.0.15"
+REQUIREJS_VERSION = "2.3.7"
 PLOTLY_MIME = "application/vnd.plotly.v1+json"
 GRAPH_DIV = 'class="plotly-graph-div"'
 _REMOVED_OUTPUT_TAGS = {"remove-output", "remove-cell"}
@@ -376,33 +383,60 @@ def _copy_plotly_js(root: Path) -> None:
         shutil.copyfile(src, dst)
 
 
-def _ensure_mathjax(root: Path) -> str | None:
-    """Vendor MathJax (one self-contained file) so pages with math load no CDN script.
+def _vendor_npm(package: str, version: str, files: dict[str, Path]) -> str | None:
+    """Copy ``files`` out of ``npm pack package@version``, once: a ``package/...`` member -> its destination
+    file, or a pattern with ``*`` -> a destination folder (every matching member, by its base name).
 
-    Sphinx's default mathjax_path is a CDN; _config.yml points it at _static/mathjax/ instead.
-    Fetched once with ``npm pack`` (npm registry) and kept in book/_static/mathjax/ (gitignored).
-    Returns a warning when it cannot be fetched: math then shows as TeX source, still offline.
+    The book's JavaScript is vendored this way (npm registry, at build time; the copies are gitignored) so no
+    page loads a script from a CDN. Returns a warning instead of raising: the page then lacks that feature
+    but stays offline.
     """
-    dst = root / STATIC_DIR / MATHJAX_FILE
-    if dst.exists():
+    if all(dst.exists() for dst in files.values()):
         return None
     npm = shutil.which("npm")
     if npm is None:
-        return "npm not found: math will show as TeX source (MathJax is vendored with `npm pack`)"
+        return f"npm not found: cannot vendor {package}@{version}"
     with tempfile.TemporaryDirectory() as tmp:
-        r = subprocess.run(
-            [npm, "pack", f"mathjax@{MATHJAX_VERSION}", "--silent"], cwd=tmp, capture_output=True, text=True
-        )
-        tgz = Path(tmp) / f"mathjax-{MATHJAX_VERSION}.tgz"
-        if r.returncode != 0 or not tgz.exists():
-            return f"npm pack mathjax@{MATHJAX_VERSION} failed: math will show as TeX source ({r.stderr.strip()[-300:]})"
-        with tarfile.open(tgz) as tf:
-            for member, target in (("package/es5/tex-svg-full.js", dst), ("package/LICENSE", dst.with_name("LICENSE"))):
-                data = tf.extractfile(member)
-                assert data is not None
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(data.read())
+        r = subprocess.run([npm, "pack", f"{package}@{version}", "--silent"], cwd=tmp, capture_output=True, text=True)
+        tgz = list(Path(tmp).glob("*.tgz"))
+        if r.returncode != 0 or len(tgz) != 1:
+            return f"npm pack {package}@{version} failed ({r.stderr.strip()[-300:]})"
+        with tarfile.open(tgz[0]) as tf:
+            names = tf.getnames()
+            for pattern, dst in files.items():
+                members = fnmatch.filter(names, pattern) if "*" in pattern else [n for n in names if n == pattern]
+                if not members:
+                    return f"npm pack {package}@{version} has no {pattern}"
+                for member in members:
+                    target = dst / PurePosixPath(member).name if "*" in pattern else dst
+                    data = tf.extractfile(member)
+                    if data is None:
+                        return f"npm pack {package}@{version}: {member} is not a file"
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    target.write_bytes(data.read())
     return None
+
+
+def _vendor_js(root: Path) -> list[str]:
+    """MathJax (Sphinx's default mathjax_path is a CDN) and the ipywidgets embed manager with require.js
+    (myst-nb's default nb_ipywidgets_js are CDN URLs); _config.yml points at these copies. Returns warnings:
+    without MathJax, math shows as TeX source; without the widget JS, saved widget state (tqdm bars) is not drawn.
+    The embed manager loads its icon fonts from beside itself (webpack public path), so they come along.
+    """
+    static = root / STATIC_DIR
+    widgets = root / WIDGETS_DIR
+    jobs = [
+        ("mathjax", MATHJAX_VERSION, {"package/es5/tex-svg-full.js": static / MATHJAX_FILE,
+                                      "package/LICENSE": (static / MATHJAX_FILE).with_name("LICENSE")}),
+        ("@jupyter-widgets/html-manager", HTML_MANAGER_VERSION,
+         {"package/dist/embed-amd.js": widgets / "embed-amd.js",
+          "package/dist/embed.js.LICENSE.txt": widgets / "embed-amd.js.LICENSE.txt",
+          "package/dist/*.woff2": widgets, "package/dist/*.woff": widgets,
+          "package/dist/*.ttf": widgets, "package/dist/*.eot": widgets, "package/dist/*.svg": widgets}),
+        # require.js carries its MIT licence in its header; the npm package has no separate file.
+        ("requirejs", REQUIREJS_VERSION, {"package/require.js": widgets / "require.min.js"}),
+    ]
+    return [w for w in (_vendor_npm(*job) for job in jobs) if w]
 
 
 def _jupyter_book_build(root: Path) -> tuple[bool, list[str]]:
@@ -502,9 +536,8 @@ def build_book_report(
     _write_status_page(root, runs, campaigns, profile)
     _copy_plotly_js(root)
     problems: list[str] = []
-    mj = _ensure_mathjax(root)
-    if mj:
-        print(f"warning: {mj}", file=sys.stderr)
+    for warning in _vendor_js(root):
+        print(f"warning: {warning}", file=sys.stderr)
     build_ok, log = _jupyter_book_build(root)
     if not build_ok:
         problems.extend(log)

@@ -49,7 +49,7 @@ USER_AREAS = ("book/experiments", "book/campaigns", "_build", "results", "campai
 
 
 def scratch_checkout(dest: Path, src: Path = REPO) -> Path:
-    """Copy the checkout's files (tracked, plus untracked ones git does not ignore, plus the vendored MathJax)
+    """Copy the checkout's files (tracked, plus untracked ones git does not ignore, plus the vendored JavaScript)
     to ``dest``, without the user's book/experiments/, _build/ and results/, and return ``dest``.
 
     Builds and notebook runs in tests use such a copy, so ``make test`` never replaces the user's book.
@@ -62,8 +62,8 @@ def scratch_checkout(dest: Path, src: Path = REPO) -> Path:
         listed = [str(p.relative_to(src)) for p in src.rglob("*")
                   if p.is_file() and not set(p.relative_to(src).parts) & set(skip)]
     files = [f for f in listed if f and not f.startswith(tuple(a + "/" for a in USER_AREAS))]
-    mathjax = src / "book" / "_static" / "mathjax"
-    files += [str(p.relative_to(src)) for p in mathjax.rglob("*") if p.is_file()] if mathjax.is_dir() else []
+    for vendored in (src / "book" / "_static" / "mathjax", src / "book" / "_extra"):  # npm packs, gitignored
+        files += [str(p.relative_to(src)) for p in vendored.rglob("*") if p.is_file()] if vendored.is_dir() else []
     for f in files:
         if (src / f).is_file():  # a file deleted but not yet committed is still listed
             (dest / f).parent.mkdir(parents=True, exist_ok=True)
