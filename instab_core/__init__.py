@@ -7,12 +7,12 @@
     res = ic.boundary.first_output_change(probe, spec.directions[:2], s_max=1e-6)
 """
 
-from . import (amplification, boundary, curvature, decision, fisher, fp, injection, jacobian, levelsets, linearity,
-               lipschitz, numerics, plots, results, sweep, toys, trace, weights, wordpred)
+from . import (amplification, boundary, curvature, decision, explore, fisher, fp, injection, jacobian, levelsets,
+               linearity, lipschitz, numerics, plots, results, sweep, toys, trace, weights, wordpred)
 from .models import BUNDLED, ModelHandle, ModelLoadError, load_model
 from .probe import Probe
 
 __all__ = ["BUNDLED", "ModelHandle", "ModelLoadError", "Probe", "amplification", "boundary", "curvature", "decision",
-           "fisher", "fp", "injection", "jacobian", "levelsets", "linearity", "lipschitz", "load_model", "numerics",
+           "explore", "fisher", "fp", "injection", "jacobian", "levelsets", "linearity", "lipschitz", "load_model", "numerics",
            "plots", "results", "sweep", "toys", "trace", "weights", "wordpred"]
 __version__ = "0.1.0"

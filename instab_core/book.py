@@ -38,6 +38,7 @@ WIDGETS_DIR = f"{EXTRA_DIR}/_static/widgets"
 HTML_MANAGER_VERSION = "1.0.15"
 REQUIREJS_VERSION = "2.3.7"
 PLOTLY_MIME = "application/vnd.plotly.v1+json"
+BATCH_ENV = "INSTAB_BATCH"  # "1" in every kernel execute() starts: explorer cells skip themselves (explore.live)
 GRAPH_DIV = 'class="plotly-graph-div"'
 _REMOVED_OUTPUT_TAGS = {"remove-output", "remove-cell"}
 
@@ -240,7 +241,7 @@ def execute(src: Path, out: Path, parameters: dict, root: Path, env: dict[str, s
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out.stem}.", suffix=".tmp.ipynb", dir=out.parent)
     os.close(fd)
     tmp = Path(tmp_name)
-    env = dict(env or {})
+    env = {BATCH_ENV: "1", **(env or {})}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # papermill starts the kernel with this process's environment
     ok, error = True, None

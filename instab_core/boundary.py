@@ -400,6 +400,42 @@ def _count_breakpoints_below(x0: torch.Tensor, d: torch.Tensor, s: float, mode: 
     return count
 
 
+@torch.no_grad()
+def ray_states(probe: Probe, direction: torch.Tensor | np.ndarray, s_max: float = 1e-6, mode: fp.Mode = "fp64",
+               threshold: float = 0.0, max_states: int = 256) -> pd.DataFrame:
+    """Every distinct float32 input state along one ray x0 + s·d, 0 < s ≤ s_max (the first ``max_states``),
+    and the output at each: the whole profile behind one ray's :func:`first_output_change`, not only its first change.
+
+    ``direction`` [d] is used as float32 exactly as given. One row per state, in increasing s: ``s`` (float32, the
+    smallest scale giving this input), ``coords_changed`` (coordinates of X(s) that differ from x0),
+    ``input_l2`` / ``output_l2`` (float64 ‖X(s) − x0‖, ‖f(X(s)) − f(x0)‖), ``output_max_abs`` (float64 max |Δf|),
+    ``changed`` (bool: bitwise, or max |Δf| > ``threshold``, as the kernel decides). Evaluated in the probe's
+    batch shape, as the kernel does: ceil(states / batch_size) forward passes.
+    """
+    D = _check_inputs(probe, direction, s_max, threshold)
+    if D.shape[0] != 1:
+        raise ValueError(f"ray_states takes one direction [d], got {D.shape[0]}")
+    if max_states < 1:
+        raise ValueError(f"max_states must be >= 1, got {max_states}")
+    if mode not in fp.MODES:
+        raise ValueError(f"mode must be one of {fp.MODES}, got {mode!r}")
+    _check_reachable(probe.x0.float(), D, float(s_max), mode)
+    x0 = probe.x0.float()
+    s = fp.RayLattice(x0, D, s_max, mode).advance(torch.zeros(1, dtype=torch.long, device=D.device), max_states)[0]
+    s = s[torch.isfinite(s)]
+    X = fp.perturb(x0, s[:, None], D.expand(s.shape[0], -1), mode)
+    out = probe.forward(X)
+    diff = out.double() - probe.reference.double()
+    return pd.DataFrame({
+        "s": s.cpu().numpy(),
+        "coords_changed": (X != x0).sum(dim=1).cpu().numpy(),
+        "input_l2": (X.double() - x0.double()).norm(dim=1).cpu().numpy(),
+        "output_l2": diff.norm(dim=1).cpu().numpy(),
+        "output_max_abs": diff.abs().amax(dim=1).cpu().numpy(),
+        "changed": fp.rows_differ(out, probe.reference, threshold).cpu().numpy(),
+    })
+
+
 def compare_methods(a: BoundaryResult, b: BoundaryResult) -> pd.DataFrame:
     """Rays where two boundary results disagree on s_out (bitwise, NaN equal to NaN)."""
     sa, sb = a.s_out.astype(np.float32), b.s_out.astype(np.float32)

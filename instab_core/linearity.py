@@ -338,6 +338,42 @@ def analyze(h: ModelHandle, prompts: list[str], radii: list[float], scope: str =
                            cos_threshold=cos_threshold, positions=positions)
 
 
+@dataclass
+class StepResponse:
+    """One scope and direction δ: ``at(r)`` gives (Δ_true, Δ_pred) = (f(θ + rδ) − f(θ), r·Jδ), each [P, V] (float64
+    prediction). The jvp is computed once, at construction; each radius costs one forward pass."""
+
+    f: Callable[[dict[str, torch.Tensor]], torch.Tensor]
+    params: dict[str, torch.Tensor]
+    delta: dict[str, torch.Tensor]
+    f0: torch.Tensor
+    jd: torch.Tensor
+
+    def at(self, r: float) -> tuple[torch.Tensor, torch.Tensor]:
+        if not (math.isfinite(r) and r > 0):
+            raise ValueError(f"the radius must be positive and finite, got {r}")
+        with torch.no_grad():
+            d_true = self.f(perturbed(self.params, self.delta, float(r))) - self.f0
+        return d_true, r * self.jd.double()
+
+
+def step_response(h: ModelHandle, prompts: list[str], scope: str, direction: int, num_directions: int, seed: int = 0,
+                  perturbation_std: float = 1e-3, positions: str = "last") -> StepResponse:
+    """The ``direction``-th of the ``num_directions`` random directions :func:`analyze` draws with this ``seed``
+    (the same δ), ready to be evaluated at any radius (the live explorer's kernel)."""
+    check_dtype(h)
+    if not 0 <= direction < num_directions:
+        raise ValueError(f"direction {direction} out of range: 0..{num_directions - 1}")
+    params = scoped_parameters(h, scope)
+    primals = {k: p.detach() for k, p in params.items()}
+    f = logit_function(h, encode_prompts(h, prompts), positions)
+    delta = random_directions(params, num_directions, seed, perturbation_std)[direction]
+    with torch.no_grad():
+        f0 = f(primals)
+    _, jd = jvp(f, (primals,), (delta,))
+    return StepResponse(f=f, params=params, delta=delta, f0=f0, jd=jd.detach())
+
+
 # ---------------------------------------------------------------------------------------------
 # Config files and the report
 

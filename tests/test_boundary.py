@@ -68,6 +68,28 @@ def test_exact_matches_brute_force(handle, mode, thresholded):
             np.linalg.norm(out[k].astype(np.float64) - probe.reference.numpy()), rel=1e-12)
 
 
+@pytest.mark.parametrize("mode", ["fp32", "fp64"])
+def test_ray_states_is_the_brute_force_profile_of_one_ray(handle, mode):
+    """The explorer's kernel: every input state along the ray, with the output at each, equals the brute-force
+    scan, and its first changed state is the boundary kernel's s_out with the same number absorbed."""
+    probe = ic.Probe(handle, PROMPT, batch_size=8)
+    d = _directions(probe, 3, SESSION_SEED + 7)[2]
+    s_max = short_s_max(probe, d, mode, states=30)
+    bps, k, X, out = brute_force(probe, d, s_max, mode, 0.0)
+    states = boundary.ray_states(probe, torch.from_numpy(d), s_max, mode=mode)
+    np.testing.assert_array_equal(states.s.to_numpy(), bps)
+    np.testing.assert_array_equal(states.coords_changed.to_numpy(), (X != probe.x0.numpy()).sum(axis=1))
+    ref = probe.reference.numpy().astype(np.float64)
+    np.testing.assert_allclose(states.output_l2.to_numpy(), np.linalg.norm(out - ref, axis=1), rtol=1e-12)
+    brute_changed = np.array([row.tobytes() != probe.reference.numpy().tobytes() for row in out])
+    np.testing.assert_array_equal(states.changed.to_numpy(), brute_changed)
+    res = boundary.first_output_change(probe, torch.from_numpy(d), s_max, mode=mode, progress=False)
+    if k >= 0:
+        assert res.s_out[0] == states.s[states.changed].iloc[0] and res.absorbed[0] == k
+    capped = boundary.ray_states(probe, torch.from_numpy(d), s_max, mode=mode, max_states=5)
+    np.testing.assert_array_equal(capped.s.to_numpy(), bps[:5])
+
+
 def test_batched_rays_equal_one_ray_at_a_time(handle):
     probe = ic.Probe(handle, PROMPT, batch_size=8)
     D = torch.from_numpy(_directions(probe, 12, SESSION_SEED + 1))
