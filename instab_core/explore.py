@@ -146,16 +146,19 @@ def ray_figure(states: pd.DataFrame, title: str) -> go.Figure:
         fig.add_trace(go.Scatter(x=part.s, y=part.input_l2, mode="markers", name=name, showlegend=False,
                                  marker=dict(color=colour), customdata=part.coords_changed, hovertemplate=hover,
                                  legendgroup=name), row=2, col=1)
+    # dashed: s_in (the first input change); dotted: s_out (the first output change). The x range is the states',
+    # not s_max: past the last state evaluated nothing is known.
     first = states[states.changed]
     if len(first):
-        fig.add_vline(x=float(first.s.iloc[0]), line_dash="dot", annotation_text="s_out")
+        fig.add_vline(x=float(first.s.iloc[0]), line_dash="dot", line_color=P.PALETTE[1])
     if len(states):
-        fig.add_vline(x=float(states.s.iloc[0]), line_dash="dash", line_color="#888", annotation_text="s_in",
-                      annotation_position="bottom right")
-    fig.update_xaxes(type="log", title_text="s", row=2, col=1)
+        fig.add_vline(x=float(states.s.iloc[0]), line_dash="dash", line_color="#888")
+        lo, hi = float(states.s.min()), float(states.s.max())
+        fig.update_xaxes(range=[np.log10(lo) - 0.15, np.log10(hi) + 0.15])
+    fig.update_xaxes(type="log", title_text="s (dashed: s_in, dotted: s_out)", row=2, col=1)
     fig.update_xaxes(type="log", row=1, col=1)
     fig.update_yaxes(type="log")
-    fig.update_layout(template="instab", title=title, height=560)
+    fig.update_layout(template="instab", title=title, height=600, margin=dict(t=110))
     return fig
 
 
@@ -187,8 +190,9 @@ def ray_explorer(probe: Any, D: torch.Tensor | np.ndarray, labels: Sequence[str]
         changed = np.flatnonzero(states.changed.to_numpy())
         first = (f"first output change at state {changed[0] + 1} (s = {states.s.iloc[changed[0]]:.6g}), "
                  f"{changed[0]} absorbed before it" if changed.size else "output never changed")
-        more = " (max_states reached)" if len(states) == max_states else ""
-        return ray_figure(states, f"{labels[ray]}: {len(states)} input states up to s = {s_max:.3g}{more}; {first}")
+        which = (f"the first {len(states)} input states (max_states; s_max = {s_max:.3g})" if len(states) == max_states
+                 else f"all {len(states)} input states up to s_max = {s_max:.3g}")
+        return ray_figure(states, f"{labels[ray]}: {which}<br>{first}")
 
     return Explorer("Input states along one ray", controls, draw)
 
