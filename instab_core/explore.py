@@ -268,42 +268,60 @@ def frame_explorer(title: str, keys: Sequence[Any], draw: Callable[[Any], go.Fig
     return Explorer(title, {"key": slider}, lambda key: frame(key))
 
 
-def stage_sweep_explorer(sw: Any, row_labels: Sequence[str], title: str = "Change per coordinate at one stage"
-                         ) -> Explorer:
-    """exp01 / exp05 / exp11: a stage slider over a :class:`sweep.Sweep`: log10 |Δ| per coordinate (columns) for
-    every perturbation of the sweep (rows, named by ``row_labels``) at the chosen stage, on one colour range."""
+def stage_sweep_frames(sw: Any, row_labels: Sequence[str]) -> dict[str, go.Figure]:
+    """Per stage of a :class:`sweep.Sweep`, a heatmap of log10 |Δ| per coordinate (columns) for every perturbation
+    of the sweep (rows, named by ``row_labels``), all on one colour range: the frames of exp01 / exp05's stage
+    slider, in the book (:func:`plots.slider`) and live (:func:`stage_sweep_explorer`)."""
     deltas = {s: np.asarray(sw.delta(s), dtype=np.float64) for s in sw.stages}
-    positive = np.concatenate([d[d > 0] for d in deltas.values()] or [np.ones(1)])
+    positive = np.concatenate([d[d > 0] for d in deltas.values()])
     lo, hi = (float(np.log10(positive.min())), float(np.log10(positive.max()))) if positive.size else (0.0, 1.0)
+    frames = {}
+    for stage, d in deltas.items():
+        fig = P.heatmap(np.log10(np.where(d > 0, d, np.nan)).astype(np.float32), x=np.arange(d.shape[1]),
+                        y=list(row_labels), title=f"{stage}: log10 |Δ| per coordinate ({int((d > 0).sum())} of {d.size} "
+                                                  "changed; blank: bit-identical)",
+                        xlabel="coordinate", ylabel="", zlabel="log10 |Δ|")
+        frames[stage] = fig.update_traces(zmin=lo, zmax=hi)
+    return frames
 
-    def draw(stage: str) -> go.Figure:
-        d = deltas[stage]
-        fig = P.heatmap(np.log10(np.where(d > 0, d, np.nan)), x=np.arange(d.shape[1]), y=list(row_labels),
-                        title=f"{stage}: log10 |Δ| per coordinate ({int((d > 0).sum())} of {d.size} changed; "
-                              "blank: bit-identical)", xlabel="coordinate", ylabel="", zlabel="log10 |Δ|")
-        return fig.update_traces(zmin=lo, zmax=hi)
 
-    return frame_explorer(title, sw.stages, draw, "stage")
+def stage_sweep_explorer(sw: Any, row_labels: Sequence[str]) -> Explorer:
+    """exp01 / exp05: a stage slider over :func:`stage_sweep_frames` (nothing recomputed)."""
+    frames = stage_sweep_frames(sw, row_labels)
+    return frame_explorer("Change per coordinate at one stage", list(frames), frames.__getitem__, "stage")
 
 
-def trace_step_explorer(c: Any, metric: str = "rel_l2", steps: Sequence[int] | None = None) -> Explorer:
-    """exp04 / exp08: a step scrubber over a trace pair (:class:`trace.Comparison`): the stage-by-stage
-    difference ``metric`` at the chosen step, on a fixed log axis; it opens on the last compared step."""
+def frame_steps(last_step: int, count: int = 50) -> list[int]:
+    """At most ``count`` steps spread over 0..last_step, ``last_step`` (the divergence) included."""
+    return sorted({int(round(t)) for t in np.linspace(0, last_step, min(count, last_step + 1))} | {last_step})
+
+
+def trace_step_frames(c: Any, steps: Sequence[int], metric: str = "rel_l2") -> dict[int, go.Figure]:
+    """Per step of a trace pair (:class:`trace.Comparison`), the stage-by-stage difference ``metric`` on one
+    fixed log axis: exp04 / exp08's step slider, in the book and live (:func:`trace_step_explorer`)."""
     curve = c.curve(metric)
-    steps = list(curve.index) if steps is None else list(steps)
-    positive = curve.to_numpy(dtype=np.float64)
-    positive = positive[np.isfinite(positive) & (positive > 0)]
-    y_range = [float(np.log10(positive.min())) - 0.5, float(np.log10(positive.max())) + 0.5] if positive.size else None
+    values = curve.to_numpy(dtype=np.float64)
+    values = values[np.isfinite(values) & (values > 0)]
+    y_range = [float(np.log10(values.min())) - 0.5, float(np.log10(values.max())) + 0.5] if values.size else None
+    frames = {}
+    for step in steps:
+        row = curve.loc[step]
+        fig = P.line([], {}, title=f"step {step}: {metric} between the two runs at every stage"
+                                   f"{' (the divergence step)' if step == c.divergence else ''}",
+                     xlabel="stage (network order)", ylabel=metric, log_y=True)
+        fig.add_scatter(x=list(row.index), y=row.where(row > 0).to_numpy(dtype=np.float64), mode="lines+markers",
+                        name=metric)  # zero (bit-identical) stages are gaps on the log axis
+        fig.update_xaxes(type="category")
+        frames[int(step)] = fig.update_yaxes(range=y_range) if y_range else fig
+    return frames
 
-    def draw(step: int) -> go.Figure:
-        values = curve.loc[step]
-        fig = P.line(list(values.index), {metric: values.where(values > 0).to_numpy(dtype=np.float64)},
-                     title=f"step {step}: {metric} between the two runs at every stage"
-                           f"{' (the divergence step)' if step == c.divergence else ''}",
-                     xlabel="stage", ylabel=metric, log_y=True, markers=True)
-        return fig.update_yaxes(range=y_range) if y_range else fig
 
-    return frame_explorer("Stage-by-stage difference at one step", steps, draw, "step", start=steps[-1])
+def trace_step_explorer(c: Any, metric: str = "rel_l2") -> Explorer:
+    """exp04 / exp08: a step scrubber over every compared step of a trace pair, each frame drawn when first shown
+    (:func:`trace_step_frames`); it opens on the last compared step (the divergence)."""
+    steps = list(c.curve(metric).index)
+    return frame_explorer("Stage-by-stage difference at one step", steps,
+                          lambda step: trace_step_frames(c, [step], metric)[step], "step", start=steps[-1])
 
 
 # ---------------------------------------------------------------------------------------------------------------

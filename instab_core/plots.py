@@ -26,6 +26,8 @@ __all__ = [
     "radar",
     "histogram",
     "dropdown",
+    "slider",
+    "menu",
 ]
 
 # Okabe-Ito, reordered so the first colours are the most distinct on white (colour-blind safe).
@@ -335,6 +337,18 @@ def histogram(
     return _layout(fig, title, xlabel, "density" if density and ylabel == "count" else ylabel, False, log_y)
 
 
+def _masks(n: int, groups: Mapping[str, Sequence[int]]) -> dict[str, list[bool]]:
+    """Per group, which of ``n`` traces are visible; an index outside 0..n-1 is an error, not a silent no-op."""
+    masks = {}
+    for label, idx in groups.items():
+        bad = [i for i in idx if not 0 <= int(i) < n]
+        if bad:
+            raise ValueError(f"group {label!r} names traces {bad} but the figure has {n} (0..{n - 1})")
+        shown = {int(i) for i in idx}
+        masks[str(label)] = [i in shown for i in range(n)]
+    return masks
+
+
 def dropdown(fig: go.Figure, groups: Mapping[str, Sequence[int]], all_label: str | None = "all") -> go.Figure:
     """A menu over ``fig``'s traces: choosing a group shows only its traces (indices into ``fig.data``).
 
@@ -342,16 +356,58 @@ def dropdown(fig: go.Figure, groups: Mapping[str, Sequence[int]], all_label: str
     It works in the offline book: plotly.js switches the traces' visibility, no kernel needed.
     """
     n = len(fig.data)
+    masks = _masks(n, groups)
     buttons = []
     if all_label is not None:
         buttons.append(dict(label=all_label, method="update", args=[{"visible": [True] * n}]))
-    for label, idx in groups.items():
-        shown = set(idx)
-        buttons.append(dict(label=str(label), method="update", args=[{"visible": [i in shown for i in range(n)]}]))
-    if all_label is None and groups:
-        first = set(next(iter(groups.values())))
-        for i, tr in enumerate(fig.data):
-            tr.visible = i in first
+    buttons += [dict(label=label, method="update", args=[{"visible": mask}]) for label, mask in masks.items()]
+    if all_label is None and masks:
+        for tr, shown in zip(fig.data, next(iter(masks.values()))):
+            tr.visible = shown
     fig.update_layout(updatemenus=[dict(buttons=buttons, direction="down", x=1.0, xanchor="right", y=1.12,
                                         yanchor="bottom", showactive=True)])
+    return fig
+
+
+def _combine(figs: Mapping[str, go.Figure], active: int) -> tuple[go.Figure, list[dict[str, Any]]]:
+    """One figure holding every figure's traces (layout of the first), and per figure the ``update`` args
+    that show only its traces under its own title."""
+    if not figs:
+        raise ValueError("no figures to switch between")
+    labels = list(figs)
+    if not 0 <= active < len(labels):
+        raise ValueError(f"active={active} but there are {len(labels)} figures")
+    out = go.Figure(layout=figs[labels[0]].layout)
+    groups: dict[str, list[int]] = {}
+    for label in labels:
+        start = len(out.data)
+        out.add_traces(list(figs[label].data))
+        groups[label] = list(range(start, len(out.data)))
+    masks = _masks(len(out.data), groups)
+    for tr, shown in zip(out.data, masks[str(labels[active])]):
+        tr.visible = shown
+    titles = [figs[label].layout.title.text for label in labels]
+    out.update_layout(title_text=titles[active])
+    return out, [dict(label=str(label), method="update", args=[{"visible": masks[str(label)]}, {"title.text": t}])
+                 for label, t in zip(labels, titles)]
+
+
+def slider(figs: Mapping[str, go.Figure], label: str, active: int = 0) -> go.Figure:
+    """One figure with a slider over ``figs`` (step label -> figure, in order: layers, stages, steps): each step
+    shows that figure's traces and title. Precomputed frames switched by plotly.js, so it explores offline."""
+    fig, steps = _combine(figs, active)
+    fig.update_layout(sliders=[dict(active=active, steps=steps, pad=dict(t=60), x=0.0, len=1.0,
+                                    currentvalue=dict(prefix=f"{label}: ", font=dict(size=13)))],
+                      margin=dict(b=170))
+    return fig
+
+
+def menu(figs: Mapping[str, go.Figure], label: str, active: int = 0) -> go.Figure:
+    """One figure with a dropdown over ``figs`` (entry label -> figure: direction pairs, dtypes, models): each
+    entry shows that figure's traces and title. Switched by plotly.js, so it explores offline."""
+    fig, buttons = _combine(figs, active)
+    for b in buttons:
+        b["label"] = f"{label}: {b['label']}"
+    fig.update_layout(updatemenus=[dict(buttons=buttons, active=active, direction="down", x=1.0, xanchor="right",
+                                        y=1.12, yanchor="bottom", showactive=True)])
     return fig

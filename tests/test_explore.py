@@ -103,3 +103,22 @@ def test_fisher_explorer_kl_equals_the_studys_sweep():
     assert f"KL = {row.kl:.3g} nats" in ex.figure.layout.title.text
     assert list(ex.figure.data[0].x) == [repr(t) for t in row.top_tokens]
     assert list(ex.figure.data[0].y) == pytest.approx(row.top_probs, rel=1e-5)
+
+
+def test_trace_step_frames_show_each_steps_stage_differences(tmp_path):
+    from instab_core import trace as tr
+
+    h = ic.load_model("tiny-llama")
+    a = tr.capture(h, PROMPT, tmp_path / "a", steps=4, stop_at_eos=False, progress=False)
+    b = tr.capture(ic.load_model("tiny-llama", dtype="bfloat16"), PROMPT, tmp_path / "b", steps=4, stop_at_eos=False,
+                   progress=False)
+    c = tr.compare(a, b)
+    steps = explore.frame_steps(c.last_step)
+    assert steps[-1] == c.last_step and steps == sorted(set(steps))
+    frames = explore.trace_step_frames(c, steps)
+    for step, fig in frames.items():
+        expected = c.at(step)["rel_l2"]
+        assert list(fig.data[0].x) == c.stages
+        np.testing.assert_array_equal(fig.data[0].y, expected.where(expected > 0).to_numpy(dtype=np.float64))
+    ex = explore.trace_step_explorer(c)
+    assert ex.figure is not None and ex.controls["key"].value == c.last_step, ex.status.value
