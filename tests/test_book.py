@@ -51,14 +51,24 @@ def test_figures_survive_build(built_book, name: str) -> None:
 
 
 class _AssetRefs(html.parser.HTMLParser):
-    """Collects what a page loads (scripts, stylesheets, images, frames) — not prose links <a href>."""
+    """Collects what a page loads (scripts, stylesheets, images, frames) and every http(s) URL named inside an inline
+    script (a script could load it later: sphinx-thebe's CDN address was one) — not prose links <a href>."""
 
     def __init__(self) -> None:
         super().__init__()
         self.refs: list[str] = []
+        self._in_script = False
+
+    def handle_endtag(self, tag: str) -> None:
+        self._in_script = self._in_script and tag != "script"
+
+    def handle_data(self, data: str) -> None:
+        if self._in_script:
+            self.refs += re.findall(r"(?:https?:)?//[A-Za-z0-9.-]+\.[A-Za-z]{2,}[^\s\"'<>]*", data)
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         a = dict(attrs)
+        self._in_script = tag == "script"
         if tag in ("script", "img", "iframe", "source", "audio", "video", "embed"):
             self.refs.append(a.get("src") or "")
         elif tag == "link":
@@ -68,7 +78,8 @@ class _AssetRefs(html.parser.HTMLParser):
 
 
 def test_no_external_assets(built_book) -> None:
-    """No built page references a script, stylesheet or other asset by http(s):// (or //host)."""
+    """No built page references a script, stylesheet or other asset by http(s):// (or //host), nor names such a URL
+    in an inline script."""
     offenders = []
     pages = sorted(built_book.html.rglob("*.html"))
     assert pages
