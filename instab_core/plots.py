@@ -386,10 +386,12 @@ def _combine(figs: Mapping[str, go.Figure], active: int) -> tuple[go.Figure, lis
     masks = _masks(len(out.data), groups)
     for tr, shown in zip(out.data, masks[str(labels[active])]):
         tr.visible = shown
-    titles = [figs[label].layout.title.text for label in labels]
-    out.update_layout(title_text=titles[active])
-    return out, [dict(label=str(label), method="update", args=[{"visible": masks[str(label)]}, {"title.text": t}])
-                 for label, t in zip(labels, titles)]
+    # each step also carries its figure's title and axis titles (frames may differ in what their axes are)
+    texts = [{"title.text": figs[label].layout.title.text, "xaxis.title.text": figs[label].layout.xaxis.title.text,
+              "yaxis.title.text": figs[label].layout.yaxis.title.text} for label in labels]
+    out.update_layout({k.replace(".", "_"): v for k, v in texts[active].items()})
+    return out, [dict(label=str(label), method="update", args=[{"visible": masks[str(label)]}, t])
+                 for label, t in zip(labels, texts)]
 
 
 def slider(figs: Mapping[str, go.Figure], label: str, active: int = 0) -> go.Figure:

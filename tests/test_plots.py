@@ -8,7 +8,7 @@ from instab_core import plots as P
 
 
 def _figs(n: int) -> dict[str, object]:
-    return {f"k{i}": P.line([0, 1], {"a": [i, i], "b": [i, -i]}, title=f"frame {i}") for i in range(n)}
+    return {f"k{i}": P.line([0, 1], {"a": [i, i], "b": [i, -i]}, title=f"frame {i}", ylabel=f"y{i}") for i in range(n)}
 
 
 @pytest.mark.parametrize("control", [P.slider, P.menu])
@@ -19,10 +19,10 @@ def test_each_step_shows_its_own_traces_and_title(control):
     for k, step in enumerate(steps):
         visible, layout = step.args
         assert visible["visible"] == [k * 2 <= i < k * 2 + 2 for i in range(6)]
-        assert layout["title.text"] == f"frame {k}"
+        assert layout["title.text"] == f"frame {k}" and layout["yaxis.title.text"] == f"y{k}"
         assert [tr.y[0] for tr, v in zip(fig.data, visible["visible"]) if v] == [k, k]
     assert [tr.visible for tr in fig.data] == steps[1].args[0]["visible"]  # opens on the active step
-    assert fig.layout.title.text == "frame 1"
+    assert fig.layout.title.text == "frame 1" and fig.layout.yaxis.title.text == "y1"
 
 
 def test_bad_input_is_an_error():
