@@ -24,7 +24,7 @@ from typing import Any
 import nbformat
 import yaml
 
-from . import params
+from . import findings, params
 
 EXPERIMENTS_DIR = "book/experiments"
 CAMPAIGNS_DIR = "book/campaigns"  # campaign report pages (_toc.yml globs them under "Campaigns")
@@ -351,6 +351,7 @@ def _inspect_executed(name: str, path: Path) -> NotebookRun:
     return NotebookRun(
         name,
         path,
+        results=[Path(p) for p in md.get("instab", {}).get("run", {}).get("results", [])],
         ok=not failed,
         error="the executed notebook holds an error" if failed else None,
         seconds=float(pm.get("duration") or 0.0),
@@ -535,6 +536,9 @@ def build_book_report(
 
     campaigns = _book_campaigns(root, run)
     _write_status_page(root, runs, campaigns, profile)
+    toc = set(toc_stems(root))
+    findings.write_page(root, {n: r.results for n, r in runs.items()},
+                        {n: f"experiments/{r.executed.stem}.ipynb" for n, r in runs.items() if r.executed.stem in toc})
     _copy_plotly_js(root)
     problems: list[str] = []
     for warning in _vendor_js(root):
@@ -546,7 +550,6 @@ def build_book_report(
         print("jupyter-book warnings:\n  " + "\n  ".join(log), file=sys.stderr)
 
     report = BookReport(root, runs, build_ok, problems, campaigns=campaigns)
-    toc = set(toc_stems(root))
     for name, r in runs.items():
         if r.executed.stem not in toc:
             print(f"note: {r.executed.name} is not in _toc.yml, so it is not in the book", file=sys.stderr)

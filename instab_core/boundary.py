@@ -161,6 +161,18 @@ class BoundaryResult:
         return {k: getattr(self, k) for k in ("s_in", "s_out", "s_below", "absorbed", "emb_l2", "hid_l2",
                                               "states", "status")}
 
+    def lattice_summary(self) -> dict[str, Any]:
+        """How the output boundary sits on the input lattice, over the rays with status "found".
+
+        ``rays_found``; ``rays_sout_eq_sin``: rays whose first input change already changes the output (nothing
+        absorbed); ``median_sout_over_sin`` and ``median_absorbed`` (NaN when no ray was found).
+        """
+        found = self.status == "found"
+        ratio = self.s_out[found].astype(np.float64) / self.s_in[found].astype(np.float64)
+        return {"rays_found": int(found.sum()), "rays_sout_eq_sin": int((self.absorbed[found] == 0).sum()),
+                "median_sout_over_sin": float(np.median(ratio)) if found.any() else float("nan"),
+                "median_absorbed": float(np.median(self.absorbed[found])) if found.any() else float("nan")}
+
 
 def _check_inputs(probe: Probe, D: torch.Tensor, s_max: float, threshold: float) -> torch.Tensor:
     if probe.dtype not in (torch.float32, torch.float64):

@@ -14,7 +14,7 @@ of ULP distances, and — for parity with the seed — counts of |Δ| above 10^-
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -160,6 +160,21 @@ class Sweep:
     def pivot(self, metric: str) -> pd.DataFrame:
         """metric as a [scale index × stage] table, stages in network order."""
         return self.table.pivot(index="scale_index", columns="stage", values=metric)[self.stages]
+
+    def input_response(self, stage: str) -> dict[str, Any]:
+        """Where the input row first moves and how much of ``stage`` that changes (the findings page reads it).
+
+        ``scales``: S; ``scales_input_unchanged``: scales whose input row is bitwise the reference's (so every stage
+        is too); at the first scale that moves it (``first_input_change``, an index into the scales, or None):
+        ``input_coords_changed`` and ``stage_pct_changed`` (% of ``stage``'s coordinates not bitwise equal).
+        """
+        differs = ~fp.bits_equal(self.X, self.X_ref.expand_as(self.X))  # [S, d]
+        moved = np.flatnonzero(differs.any(dim=1).cpu().numpy())
+        first = int(moved[0]) if len(moved) else None
+        return {"scales": len(self.scales), "scales_input_unchanged": len(self.scales) - len(moved),
+                "first_input_change": first,
+                "input_coords_changed": int(differs[first].sum()) if first is not None else 0,
+                "stage_pct_changed": float(self.pivot("pct_changed")[stage].iloc[first]) if first is not None else 0.0}
 
 
 def stage_sweep(probe: Probe, direction: torch.Tensor, scales: np.ndarray, mode: SweepMode = "fp32",

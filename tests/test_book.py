@@ -167,3 +167,53 @@ def test_status_page_lists_every_page_and_the_machine(built_book) -> None:
     for r in [*built_book.runs.values(), *built_book.campaigns.values()]:
         assert r.executed.stem in text, r.executed.stem
     assert book.machine()["cpu"] in text
+
+
+def _leaves(value):
+    if isinstance(value, dict):
+        for v in value.values():
+            yield from _leaves(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _leaves(v)
+    elif value is not None:
+        yield value
+
+
+def test_findings_page_is_second_and_its_numbers_are_the_manifests(built_book) -> None:
+    """The findings page follows the introduction; on every row, each manifest key it names (after *from*) has its
+    value, as the page formats numbers, in that row's measured or verdict text; every experiment of the build has
+    a row with a run."""
+    import json
+
+    from bs4 import BeautifulSoup
+
+    from instab_core import findings
+    intro = (built_book.html / "book" / "intro.html").read_text()
+    assert re.search(r'class="right-next"\s+href="findings.html"', intro), "the findings page is not the second page"
+    soup = BeautifulSoup((built_book.html / "book" / "findings.html").read_text(), "html.parser")
+    rows = soup.select("table tbody tr")
+    assert len(rows) == len(findings.CLAIMS)
+    ran = {json.loads((p / "manifest.json").read_text())["experiment"]
+           for r in built_book.runs.values() if r.ok for p in r.results}
+    checked = 0
+    for tr in rows:
+        td = tr.find_all("td")  # experiment and verdict | measured, why and (small) where from | the seed's quote
+        small = td[1].find("small")  # "from <experiment>/<run id>: key, key, ...", taken out of the text checked
+        codes = re.split(r":\s|,\s", small.extract().get_text(" ", strip=True).removeprefix("from ")) if small else []
+        exp, verdict, shown = td[0].find("a") or td[0], td[0].find("strong").get_text(), td[1].get_text(" ", strip=True)
+        exp = exp.get_text(strip=True).split()[0]
+        if exp in ran:
+            assert codes and verdict != "not run", f"{exp} ran, but its row says: {verdict}: {shown}"
+        if not codes:
+            continue
+        folder = next(p for r in built_book.runs.values() for p in r.results if p.as_posix().endswith("/" + codes[0]))
+        summary = json.loads((folder / "manifest.json").read_text())["summary"]
+        for key in codes[1:]:
+            node = summary
+            for part in key.split("."):
+                node = node[part]
+            for leaf in _leaves(node):
+                assert findings.fmt(leaf) in shown, f"{exp}: {key} = {leaf!r} is not on its row: {shown}"
+                checked += 1
+    assert checked >= 2 * len(ran), f"only {checked} figures checked"

@@ -90,6 +90,19 @@ def test_ray_states_is_the_brute_force_profile_of_one_ray(handle, mode):
     np.testing.assert_array_equal(capped.s.to_numpy(), bps[:5])
 
 
+def test_lattice_summary_counts_rays_found_at_their_first_input_change(handle):
+    """rays_sout_eq_sin counts found rays with nothing absorbed; the median ratio is over found rays only."""
+    probe = ic.Probe(handle, PROMPT, batch_size=8)
+    D = torch.from_numpy(_directions(probe, 6, SESSION_SEED + 9))
+    res = boundary.first_output_change(probe, D, 1e-6, progress=False)
+    got = res.lattice_summary()
+    found = [r for r in range(6) if res.status[r] == "found"]
+    assert got["rays_found"] == len(found) > 0
+    assert got["rays_sout_eq_sin"] == sum(res.s_out[r] == res.s_in[r] for r in found)
+    assert got["median_sout_over_sin"] == pytest.approx(float(np.median([float(res.s_out[r]) / float(res.s_in[r])
+                                                                          for r in found])))
+
+
 def test_batched_rays_equal_one_ray_at_a_time(handle):
     probe = ic.Probe(handle, PROMPT, batch_size=8)
     D = torch.from_numpy(_directions(probe, 12, SESSION_SEED + 1))

@@ -79,6 +79,23 @@ def test_metrics_match_a_plain_loop(handle):
     assert rows.changed[0] == 0  # scale 0 is x0 itself, computed in the same batch shape
 
 
+def test_input_response_is_a_scan_of_the_input_rows(handle):
+    """Scales that leave the float32 input row bitwise x0, and at the first that moves it, the coordinates moved
+    and the share of a stage's coordinates changed: the same as a direct comparison, scale by scale."""
+    probe = ic.Probe(handle, PROMPT, batch_size=8)
+    scales = np.concatenate([[0.0, 1e-13], np.logspace(-9, -3, 5)])
+    sw = sweep.stage_sweep(probe, _direction(probe.d, SESSION_SEED + 4), scales)
+    got = sw.input_response("layer_out[0]")
+    x0 = probe.x0.numpy()
+    moved = [k for k in range(len(scales)) if sw.X[k].numpy().tobytes() != x0.tobytes()]
+    assert got["scales"] == len(scales) and got["scales_input_unchanged"] == len(scales) - len(moved) >= 2
+    k = moved[0]
+    assert got["first_input_change"] == k
+    assert got["input_coords_changed"] == int((sw.X[k].numpy() != x0).sum()) > 0
+    out, ref = sw.outputs["layer_out[0]"][k].numpy(), sw.reference["layer_out[0]"].numpy()
+    assert got["stage_pct_changed"] == pytest.approx(100 * np.mean([a.tobytes() != b.tobytes() for a, b in zip(out, ref)]))
+
+
 def test_rows_do_not_depend_on_their_batch_companions(handle):
     probe = ic.Probe(handle, PROMPT, batch_size=8)
     d = _direction(probe.d, SESSION_SEED + 3)
