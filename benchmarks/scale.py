@@ -1,40 +1,46 @@
 """``make bench-scale``: every notebook with its default parameters on a real-width model, timed.
 
-    python benchmarks/scale.py [--shape llama-3.2-1b] [--layers 2] [--only exp12,exp02] [--md benchmarks/scale.md]
+    python benchmarks/scale.py [--shape llama-3.2-1b] [--layers 2] [--only exp12,exp02] [--timeout 3600] [--fresh]
 
 Builds ``SHAPE -L LAYERS`` (default llama-3.2-1b with 2 layers: d=2048, vocabulary 128256) into a temporary folder
 with ``instab_core.zoo.shapes``, runs each notebook once with ``{"model": DIR}`` and otherwise its defaults via
 ``instab_core.book.run_notebook`` (executed notebooks and results into the temporary folder, never the checkout's
-book/experiments/ or results/), and writes wall time, peak RSS of the notebook's kernel process and the outcome per
-notebook into ``--md``. Each notebook runs in its own kernel; a failed one is recorded and the rest still run.
+book/experiments/ or results/), and records wall time, the peak RSS of the notebook's kernel and the outcome.
+
+Hours on a 2-core CPU, so nothing is lost: after every notebook the record ``benchmarks/scale.json`` and the table
+``benchmarks/scale.md`` are rewritten (atomically), and a later run skips the notebooks already finished for the
+same shape (``--fresh`` starts over; a failed or timed-out notebook is retried). Cheap notebooks run first.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
-import resource
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+HERE = Path(__file__).resolve().parent
+# Run last, most expensive last (measured or estimated at d=2048 on 2 cores): a partial run still covers the rest.
+LAST = ["fisher", "exp07", "exp04", "exp08", "exp06", "exp13"]
+
 
 def run_one(name: str, model: str, tmp: Path, timeout: int) -> dict:
-    """One notebook in a fresh child process (so its peak RSS, kernel included, is its own)."""
+    """One notebook in a fresh child process; it reports the peak RSS of its own children (the kernel)."""
     code = (
-        "import sys, json; from pathlib import Path; from instab_core import book\n"
+        "import sys, json, resource; from pathlib import Path; from instab_core import book\n"
         f"out = book.run_notebook({name!r}, {{'model': {model!r}}}, out_dir=Path({str(tmp / 'nb')!r}), "
         f"results_root=Path({str(tmp / 'results')!r}), progress=False)\n"
-        "print(json.dumps({'ok': out.ok, 'error': ' '.join((out.error or '').split())[:400]}))\n"
+        "kernel = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024\n"
+        "print(json.dumps({'ok': out.ok, 'error': ' '.join((out.error or '').split())[:400], "
+        "'peak_rss_mib': kernel}))\n"
     )
     t = time.perf_counter()
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    import json
-    import signal
-
     # Own process group, so that a timeout also ends the notebook's kernel (a grandchild).
     p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          start_new_session=True)
@@ -46,9 +52,34 @@ def run_one(name: str, model: str, tmp: Path, timeout: int) -> dict:
         os.killpg(p.pid, signal.SIGKILL)
         p.communicate()
         res = {"ok": False, "error": f"timed out after {timeout} s"}
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return {"notebook": name, "wall_s": time.perf_counter() - t,
-            "peak_rss_mib": peak / 1024 if peak > before else float("nan"), **res}
+    return {"notebook": name, "wall_s": round(time.perf_counter() - t, 1),
+            "peak_rss_mib": round(res.pop("peak_rss_mib", float("nan")), 0), "ok": bool(res.get("ok")),
+            "error": res.get("error", ""), "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def table(record: dict) -> str:
+    rows = record["rows"]
+    done = sum(r["ok"] for r in rows.values())
+    lines = [f"# Every notebook at real width: {record['shape']}, {record['layers']} layers", "",
+             f"Written by `make bench-scale` (`benchmarks/scale.py`); {done} of {len(record['notebooks'])} notebooks "
+             f"finished so far. Machine: {record['machine']}. Default parameters, `model` = the random-weight shape "
+             f"(d = {record.get('d', '?')}, vocabulary {record.get('vocab', '?')}). Peak RSS is the notebook's kernel "
+             "process (its largest resident set).", "",
+             "| notebook | ok | wall s | peak RSS MiB | finished | error |", "|---|---|---|---|---|---|"]
+    for name in record["notebooks"]:
+        r = rows.get(name)
+        if r is None:
+            lines.append(f"| {name} | not yet run | | | | |")
+        else:
+            lines.append(f"| {name} | {'yes' if r['ok'] else '**no**'} | {r['wall_s']:.1f} | {r['peak_rss_mib']:.0f} | "
+                         f"{r['finished']} | {r['error']} |")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -57,31 +88,36 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--only", default="", help="comma-separated notebook keys (default: all)")
     ap.add_argument("--timeout", type=int, default=3600, help="seconds per notebook")
-    ap.add_argument("--md", default=str(Path(__file__).with_name("scale.md")))
+    ap.add_argument("--fresh", action="store_true", help="forget the notebooks already recorded for this shape")
+    ap.add_argument("--md", default=str(HERE / "scale.md"))
     args = ap.parse_args()
     from instab_core import book
     from instab_core.zoo import shapes
 
     root = book.repo_root()
     names = [n for n in book.experiments(root) if not args.only or n in args.only.split(",")]
-    rows = []
+    names = [n for n in names if n not in LAST] + [n for n in LAST if n in names]
+    md = Path(args.md)
+    store = md.with_suffix(".json")
+    record = json.loads(store.read_text()) if store.is_file() and not args.fresh else {}
+    if (record.get("shape"), record.get("layers")) != (args.shape, args.layers):
+        record = {"shape": args.shape, "layers": args.layers, "rows": {}}
+    record["notebooks"] = list(dict.fromkeys([*record.get("notebooks", []), *names]))
+    record["machine"] = f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.processor() or platform.node()}"
+    todo = [n for n in names if not record["rows"].get(n, {}).get("ok")]
+    print(f"{len(names) - len(todo)} notebooks already finished for {args.shape} -L {args.layers}; running {todo}")
     with tempfile.TemporaryDirectory(prefix="instab-scale-") as tmp:
-        model = str(shapes.build(args.shape, Path(tmp) / "model", layers=args.layers, progress=False))
-        for name in names:
-            r = run_one(name, model, Path(tmp), args.timeout)
+        model = shapes.build(args.shape, Path(tmp) / "model", layers=args.layers, progress=False)
+        cfg = json.loads((Path(model) / "config.json").read_text())
+        record.update(d=cfg.get("hidden_size"), vocab=cfg.get("vocab_size"))
+        for name in todo:
+            r = run_one(name, str(model), Path(tmp), args.timeout)
             print(f"{name:28} {'ok' if r['ok'] else 'FAILED'} {r['wall_s']:8.1f} s  peak RSS {r['peak_rss_mib']:8.0f} MiB"
                   f"  {r['error'][:160]}", flush=True)
-            rows.append(r)
-    lines = [f"# Every notebook at real width: {args.shape}, {args.layers} layers", "",
-             f"Written by `make bench-scale` (`benchmarks/scale.py`) on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
-             f"{platform.machine()}, {os.cpu_count()} CPUs. Default parameters, `model` = the random-weight shape.", "",
-             "Peak RSS is the largest of the notebook's processes (kernel included); NaN where it did not exceed an earlier "
-             "notebook's (the counter is a running maximum).", "",
-             "| notebook | ok | wall s | peak RSS MiB (kernel process) | error |", "|---|---|---|---|---|"]
-    lines += [f"| {r['notebook']} | {'yes' if r['ok'] else '**no**'} | {r['wall_s']:.1f} | {r['peak_rss_mib']:.0f} | "
-              f"{r['error']} |" for r in rows]
-    Path(args.md).write_text("\n".join(lines) + "\n")
-    print(f"wrote {args.md}")
+            record["rows"][name] = r
+            _write(store, json.dumps(record, indent=1))
+            _write(md, table(record))
+    print(f"wrote {md}")
 
 
 if __name__ == "__main__":

@@ -201,6 +201,24 @@ def test_every_profile_of_every_notebook_passes_the_checks():
             P.check(name, src, values)  # raises, naming the notebook and parameter, if a profile is stale
 
 
+def test_papermill_reads_every_parameters_cell(caplog):
+    """papermill's own parser (``papermill --help-notebook``) reads every line of every parameters cell without a
+    warning: it gives up on a line whose comment holds '=' and then warns on every run that sets that parameter.
+    (It skips lines with union annotations silently; instab_core.params reads those.)"""
+    import logging
+
+    import nbformat
+    from papermill.translators import PythonTranslator
+
+    from instab_core import book
+    for name, src in book.experiments(REPO).items():
+        cell = next(c for c in nbformat.read(src, as_version=4).cells if "parameters" in c.metadata.get("tags", []))
+        with caplog.at_level(logging.WARNING, logger="papermill"):
+            caplog.clear()
+            PythonTranslator.inspect(cell)
+        assert not caplog.records, f"{name}: {caplog.records[0].getMessage()}"
+
+
 # --- through the notebooks (slow): the kernel's message reaches the command line as one line -------------
 
 @pytest.fixture(scope="module")
