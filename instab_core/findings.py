@@ -151,11 +151,11 @@ def _exp05(s: Summary) -> tuple[str, str, str]:
 
 def _exp06(s: Summary) -> tuple[str, str, str]:
     measured = (f"{s.f('method')}: gap {s.f('gap')} at distance {s.f('distance')} from x0 "
-                f"(tokens {', '.join(s['tokens'])})")
+                f"(tokens {', '.join(s['tokens'])}), tie reached: {s.f('converged')}")
     adam = "adam_geometric" in (s.summary.get("methods") or {})
     if adam:
-        measured += f"; the seed's Adam: gap {s.f('methods.adam_geometric.gap')} at distance " \
-                    f"{s.f('methods.adam_geometric.distance')}"
+        measured += (f"; the seed's Adam: gap {s.f('methods.adam_geometric.gap')} at distance "
+                     f"{s.f('methods.adam_geometric.distance')}, float tie: {s.f('methods.adam_geometric.exact_tie')}")
     if s["converged"]:
         if adam and not s["methods.adam_geometric.exact_tie"]:
             return measured, "confirmed", "a float32 tie point exists; the seed's Adam does not reach it"
@@ -385,6 +385,7 @@ def finding(experiment: str, run: Path | None) -> Finding:
     except KeyError as exc:  # a run from before the notebook recorded this figure
         row.measured, row.verdict = "–", "not run"
         row.why = f"{exc.args[0]}: re-run the notebook"
+        return row  # no figure shown, so none listed
     row.values = dict(s.read)
     return row
 
