@@ -9,7 +9,9 @@ book/experiments/ or results/), and records wall time, the peak RSS of the noteb
 
 Hours on a 2-core CPU, so nothing is lost: after every notebook the record ``benchmarks/scale.json`` and the table
 ``benchmarks/scale.md`` are rewritten (atomically), and a later run skips the notebooks already finished for the
-same shape (``--fresh`` starts over; a failed or timed-out notebook is retried). Cheap notebooks run first.
+same shape (``--fresh`` starts over; a failed or timed-out notebook is retried). Cheap notebooks run first. The model
+and the runs' results live in ``--work`` (default ``~/.cache/instab/scale-SHAPE-LLAYERS``, outside the checkout), so
+a resumed run reuses the model and exp15 finds the exp12/exp13 runs it reads.
 """
 
 from __future__ import annotations
@@ -21,13 +23,14 @@ import platform
 import signal
 import subprocess
 import sys
-import tempfile
+import shutil
 import time
 from pathlib import Path
+from typing import Callable
 
 HERE = Path(__file__).resolve().parent
 # Run last, most expensive last (measured or estimated at d=2048 on 2 cores): a partial run still covers the rest.
-LAST = ["fisher", "exp07", "exp04", "exp08", "exp06", "exp13"]
+LAST = ["fisher", "exp07", "exp04", "exp08", "exp06", "exp13", "exp15"]  # exp15 reads the exp12 and exp13 runs
 
 
 def run_one(name: str, model: str, tmp: Path, timeout: int) -> dict:
@@ -57,6 +60,42 @@ def run_one(name: str, model: str, tmp: Path, timeout: int) -> dict:
             "error": res.get("error", ""), "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
+# Where the seed profile changes a notebook's work, the work unit its time is taken to be proportional to (an
+# extrapolation of the measured default run, an upper bound where fixed costs such as the Jacobian dominate).
+UNITS: dict[str, tuple[str, Callable[[dict, int], float]]] = {
+    "exp12": ("rays, batched plus batch-1 (num_angles + batch1_rays)", lambda p, d: p["num_angles"] + p["batch1_rays"]),
+    "exp02": ("noise samples (n_samples)", lambda p, d: p["n_samples"]),
+    "exp01": ("steps (part2_jumps + part3_steps)", lambda p, d: p["part2_jumps"] + p["part3_steps"]),
+    "exp11": ("rolls × jumps (d / roll_step · len(jumps))", lambda p, d: d / p["roll_step"] * len(p["jumps"])),
+    "exp14": ("steps (num_steps)", lambda p, d: p["num_steps"]),
+    "exp04": ("generated tokens (len(questions) · steps)", lambda p, d: len(p["questions"]) * p["steps"]),
+    "exp08": ("generated tokens (len(questions) · steps)", lambda p, d: len(p["questions"]) * p["steps"]),
+    "fisher": ("sentences (num_sentences)", lambda p, d: p["num_sentences"]),
+    "lipschitz": ("directions (top_k + len(analyze_dims))", lambda p, d: p["top_k"] + len(p["analyze_dims"])),
+    "levelsets": ("start points (n_points)", lambda p, d: p["n_points"]),
+    "linearity": ("directions × radii × scopes", lambda p, d: p["num_directions"] * len(p["radii"]) * len(p["scopes"])),
+}
+
+
+def seed_cost(name: str, wall: float, d: int) -> str:
+    """What the notebook's ``seed`` profile costs at this width, from the measured default run."""
+    from instab_core import book, params
+
+    src = book.source(name)
+    default = {k: v.default for k, v in params.declared(src).items()}
+    seed = params.profiles(src).get("seed")
+    if seed is None:
+        return "no seed profile"
+    changed = {k: v for k, v in seed.items() if default.get(k) != v}
+    if not changed:
+        return f"{wall:.0f} s (the seed's sizes are the defaults)"
+    if name not in UNITS:
+        return "not extrapolated (" + ", ".join(f"{k}={v!r}" for k, v in changed.items()) + ")"
+    label, unit = UNITS[name]
+    ratio = unit({**default, **seed}, d) / unit(default, d)
+    return f"≈ {wall * ratio:.0f} s ({ratio:.3g} × the {label})"
+
+
 def _write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
@@ -71,14 +110,19 @@ def table(record: dict) -> str:
              f"finished so far. Machine: {record['machine']}. Default parameters, `model` = the random-weight shape "
              f"(d = {record.get('d', '?')}, vocabulary {record.get('vocab', '?')}). Peak RSS is the notebook's kernel "
              "process (its largest resident set).", "",
-             "| notebook | ok | wall s | peak RSS MiB | finished | error |", "|---|---|---|---|---|---|"]
+             "The seed column is what the notebook's `seed` profile (`instab run NAME --profile seed`) costs at this "
+             "width: measured where the seed's sizes are the defaults, else extrapolated from this run in proportion "
+             "to the work unit named.", "",
+             "| notebook | ok | wall s | peak RSS MiB | seed profile at this width | finished | error |",
+             "|---|---|---|---|---|---|---|"]
     for name in record["notebooks"]:
         r = rows.get(name)
         if r is None:
-            lines.append(f"| {name} | not yet run | | | | |")
+            lines.append(f"| {name} | not yet run | | | | | |")
         else:
+            seed = seed_cost(name, r["wall_s"], int(record.get("d") or 0)) if r["ok"] else ""
             lines.append(f"| {name} | {'yes' if r['ok'] else '**no**'} | {r['wall_s']:.1f} | {r['peak_rss_mib']:.0f} | "
-                         f"{r['finished']} | {r['error']} |")
+                         f"{seed} | {r['finished']} | {r['error']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -90,6 +134,8 @@ def main() -> None:
     ap.add_argument("--timeout", type=int, default=3600, help="seconds per notebook")
     ap.add_argument("--fresh", action="store_true", help="forget the notebooks already recorded for this shape")
     ap.add_argument("--md", default=str(HERE / "scale.md"))
+    ap.add_argument("--table-only", action="store_true", help="rewrite --md from the record, run nothing")
+    ap.add_argument("--work", default="", help="model and results folder (default ~/.cache/instab/scale-SHAPE-LN)")
     args = ap.parse_args()
     from instab_core import book
     from instab_core.zoo import shapes
@@ -104,19 +150,27 @@ def main() -> None:
         record = {"shape": args.shape, "layers": args.layers, "rows": {}}
     record["notebooks"] = list(dict.fromkeys([*record.get("notebooks", []), *names]))
     record["machine"] = f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.processor() or platform.node()}"
+    if args.table_only:
+        _write(md, table(record))
+        print(f"wrote {md}")
+        return
     todo = [n for n in names if not record["rows"].get(n, {}).get("ok")]
     print(f"{len(names) - len(todo)} notebooks already finished for {args.shape} -L {args.layers}; running {todo}")
-    with tempfile.TemporaryDirectory(prefix="instab-scale-") as tmp:
-        model = shapes.build(args.shape, Path(tmp) / "model", layers=args.layers, progress=False)
-        cfg = json.loads((Path(model) / "config.json").read_text())
-        record.update(d=cfg.get("hidden_size"), vocab=cfg.get("vocab_size"))
-        for name in todo:
-            r = run_one(name, str(model), Path(tmp), args.timeout)
-            print(f"{name:28} {'ok' if r['ok'] else 'FAILED'} {r['wall_s']:8.1f} s  peak RSS {r['peak_rss_mib']:8.0f} MiB"
-                  f"  {r['error'][:160]}", flush=True)
-            record["rows"][name] = r
-            _write(store, json.dumps(record, indent=1))
-            _write(md, table(record))
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    work = Path(args.work or cache / "instab" / f"scale-{args.shape}-L{args.layers}")
+    model = work / "model"
+    if not (model / "shape.json").is_file():  # written last by shapes.build
+        shutil.rmtree(model, ignore_errors=True)  # a build interrupted before it finished
+        shapes.build(args.shape, model, layers=args.layers, progress=False)
+    cfg = json.loads((model / "config.json").read_text())
+    record.update(d=cfg.get("hidden_size"), vocab=cfg.get("vocab_size"), work=str(work))
+    for name in todo:
+        r = run_one(name, str(model), work, args.timeout)
+        print(f"{name:28} {'ok' if r['ok'] else 'FAILED'} {r['wall_s']:8.1f} s  peak RSS {r['peak_rss_mib']:8.0f} MiB"
+              f"  {r['error'][:160]}", flush=True)
+        record["rows"][name] = r
+        _write(store, json.dumps(record, indent=1))
+        _write(md, table(record))
     print(f"wrote {md}")
 
 
