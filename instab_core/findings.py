@@ -220,7 +220,7 @@ def _exp12(s: Summary) -> tuple[str, str, str]:
     same = s["rays_sout_eq_sin"]
     measured = (f"{s.f('rays')} rays: median s_out/s_in {s.f('median_sout_over_sin')}; the first input change "
                 f"already changes the output on {s.f('rays_sout_eq_sin')} of them; the seed's bisection disagrees on "
-                f"{s.f('bisect_disagreements')}")
+                f"{s.f('bisect_disagreements')} of the {s.f('bisect_rays')} rays it searched")
     if same * 2 >= rays:
         return measured, "differs", ("the boundary is the input lattice: on most rays the output changes at the "
                                      "first float32 input change, a property of x0 and d, not of the network")

@@ -26,7 +26,7 @@ def _run(tmp_path: Path, experiment: str, **summary) -> Path:
 
 def _exp12(tmp_path: Path, same: int) -> F.Finding:
     return F.finding("exp12", _run(tmp_path / str(same), "exp12", rays=24, rays_sout_eq_sin=same,
-                                   median_sout_over_sin=1.5, bisect_disagreements=0))
+                                   median_sout_over_sin=1.5, bisect_disagreements=0, bisect_rays=8))
 
 
 def test_verdict_follows_the_numbers(tmp_path: Path) -> None:
@@ -43,7 +43,8 @@ def test_verdict_follows_the_numbers(tmp_path: Path) -> None:
 
 def test_every_figure_on_a_row_is_a_manifest_value(tmp_path: Path) -> None:
     row = _exp12(tmp_path, same=20)
-    assert row.values == {"rays": 24, "rays_sout_eq_sin": 20, "median_sout_over_sin": 1.5, "bisect_disagreements": 0}
+    assert row.values == {"rays": 24, "rays_sout_eq_sin": 20, "median_sout_over_sin": 1.5, "bisect_disagreements": 0,
+                          "bisect_rays": 8}
     for v in row.values.values():
         assert F.fmt(v) in row.measured + row.why
 
@@ -63,7 +64,7 @@ def test_a_run_without_the_figure_says_rerun(tmp_path: Path) -> None:
 
 def test_page_lists_each_experiment_once_with_its_sources(tmp_path: Path) -> None:
     runs = {"exp12": [_run(tmp_path, "exp12", rays=4, rays_sout_eq_sin=4, median_sout_over_sin=1.0,
-                           bisect_disagreements=1)]}
+                           bisect_disagreements=1, bisect_rays=4)]}
     (tmp_path / "book").mkdir()
     page = F.write_page(tmp_path, runs, {"exp12": "experiments/exp12_polar_boundary.ipynb"}).read_text()
     table = [ln for ln in page.splitlines() if ln.startswith("| ") and not ln.startswith("| experiment")]
