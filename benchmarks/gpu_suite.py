@@ -113,17 +113,20 @@ def kernel_figures(model: str, device: str, rays: int, batch: int, text: str) ->
 def notebook_plan(rays: int, steps: int, layers_frac: str) -> list[tuple[str, dict[str, Any]]]:
     return [
         ("exp02", {"check_float64": False, "precisions": ["float32"], "top_k": 5, "analyze_dims": [], "n_samples": 10}),
-        ("exp12", {"spectrum_method": "topk", "num_angles": rays, "batch1_rays": min(100, rays)}),
+        # bisection and batch-1 re-runs are batch-1 loops: a sample of rays keeps them to a minute or two at 8B
+        ("exp12", {"spectrum_method": "topk", "num_angles": rays, "batch1_rays": min(20, rays),
+                   "bisect_rays": min(20, rays)}),
         ("exp10", {"invariance_dtypes": ["float32"], "batch_sizes": [1, 2, 8, 32, 64, 128], "threads": [1]}),
         ("exp04", {"questions": [1], "steps": steps, "survey_questions": [1], "survey_steps": min(20, steps)}),
         ("fisher", {"layers": layers_frac, "num_sentences": 1, "k": 2}),
     ]
 
 
-def run_notebooks(model: str, device: str, work: Path, plan: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+def run_notebooks(model: str, device: str, work: Path, plan: list[tuple[str, dict[str, Any]]],
+                  rows: list[dict[str, Any]], report: Any) -> None:
+    """Run ``plan``'s notebooks, appending a row each to ``rows`` and calling ``report()`` after each one."""
     from instab_core import book
 
-    rows = []
     for name, extra in plan:
         values = {"model": model, "device": device, **extra}
         t = time.perf_counter()
@@ -139,7 +142,7 @@ def run_notebooks(model: str, device: str, work: Path, plan: list[tuple[str, dic
                "error": " ".join((error or "").split())[:300], "results": results, "parameters": extra}
         print(json.dumps(row), flush=True)
         rows.append(row)
-    return rows
+        report()
 
 
 def invariance_tables(rows: list[dict[str, Any]]) -> str:
@@ -227,7 +230,14 @@ def main() -> None:
     else:
         build = {"seconds": 0.0, "note": f"given: {model}"}
     print(f"model {model}: build {build['seconds']:.1f} s", flush=True)
-    fig = None
+    fig: dict[str, Any] | None = None
+    rows: list[dict[str, Any]] = []
+
+    def report() -> None:
+        # rewritten after every stage: a run stopped by a time limit still leaves what it measured
+        write_md(Path(args.md), args, build, fig, rows, time.perf_counter() - t_all, errors)
+
+    report()
     if "kernel" not in skip:
         try:
             fig = kernel_figures(model, args.device, args.rays, args.batch, args.text)
@@ -235,9 +245,9 @@ def main() -> None:
         except Exception as exc:
             errors.append(f"kernel figures: {type(exc).__name__}: {exc}")
             traceback.print_exc()
+        report()
     plan = [(n, p) for n, p in notebook_plan(args.rays, args.steps, args.fisher_layer) if n not in skip]
-    rows = run_notebooks(model, args.device, work, plan)
-    write_md(Path(args.md), args, build, fig, rows, time.perf_counter() - t_all, errors)
+    run_notebooks(model, args.device, work, plan, rows, report)
     print(f"wrote {args.md}")
 
 

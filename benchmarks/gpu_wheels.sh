@@ -12,9 +12,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-FORCE=(transformers tokenizers regex)  # regex: transformers needs >= 2025.10.22
+FORCE=(transformers tokenizers regex huggingface-hub httpx2 httpcore2 click)  # transformers needs regex >= 2025.10.22, huggingface-hub >= 2.4
 NEED=(papermill nbclient nbformat ipykernel jupyter_client jupyter_core traitlets ipython pyzmq tornado plotly pypdf
-      transformers tokenizers regex)
+      transformers tokenizers regex huggingface-hub httpx2 httpcore2 click)
 PRESENT=" absl-py accelerate aiofiles aiohappyeyeballs aiohttp aiosignal annotated-doc anyio attrs certifi
   charset-normalizer click cloudpickle colorama contourpy cycler filelock fonttools frozenlist fsspec h11 h5py hf-xet
   httpcore httpx huggingface-hub idna jinja2 joblib kiwisolver markdown markdown-it-py markupsafe matplotlib mdurl

@@ -30,14 +30,30 @@ from typing import Callable
 
 HERE = Path(__file__).resolve().parent
 # Run last, most expensive last (measured or estimated at d=2048 on 2 cores): a partial run still covers the rest.
-LAST = ["fisher", "exp07", "exp04", "exp08", "exp06", "exp13", "exp15"]  # exp15 reads the exp12 and exp13 runs
+LAST = ["fisher", "exp07", "exp04", "exp08", "exp06", "levelsets", "exp13", "exp15"]  # exp15 reads the exp12 and exp13 runs
+
+
+def model_parameter(name: str, model: str) -> dict | None:
+    """The parameters that point notebook ``name`` at ``model`` (None: it takes no Llama-family model)."""
+    from instab_core import book, params
+
+    declared = params.declared(book.source(name))
+    if "model" in declared:
+        return {"model": model}
+    if "models" in declared:
+        return {"models": [model]}
+    return None  # decomposition: its real-model part takes a GPT-2 family model (gpt2_model)
 
 
 def run_one(name: str, model: str, tmp: Path, timeout: int) -> dict:
     """One notebook in a fresh child process; it reports the peak RSS of its own children (the kernel)."""
+    given = model_parameter(name, model)
+    if given is None:
+        return {"notebook": name, "wall_s": 0.0, "peak_rss_mib": float("nan"), "ok": False, "skipped": True,
+                "error": "not run: the notebook takes no Llama-family model", "finished": ""}
     code = (
         "import sys, json, resource; from pathlib import Path; from instab_core import book\n"
-        f"out = book.run_notebook({name!r}, {{'model': {model!r}}}, out_dir=Path({str(tmp / 'nb')!r}), "
+        f"out = book.run_notebook({name!r}, {given!r}, out_dir=Path({str(tmp / 'nb')!r}), "
         f"results_root=Path({str(tmp / 'results')!r}), progress=False)\n"
         "kernel = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024\n"
         "print(json.dumps({'ok': out.ok, 'error': ' '.join((out.error or '').split())[:400], "
@@ -50,7 +66,8 @@ def run_one(name: str, model: str, tmp: Path, timeout: int) -> dict:
     try:
         stdout, stderr = p.communicate(timeout=timeout)
         last = (stdout.strip().splitlines() or ["{}"])[-1]
-        res = json.loads(last) if last.startswith("{") else {"ok": False, "error": stderr.strip()[-400:]}
+        res = json.loads(last) if last.startswith("{") else {"ok": False,
+                                                              "error": " ".join(stderr.split())[-400:] or "no output"}
     except subprocess.TimeoutExpired:
         os.killpg(p.pid, signal.SIGKILL)
         p.communicate()
@@ -104,7 +121,7 @@ def _write(path: Path, text: str) -> None:
 
 def table(record: dict) -> str:
     rows = record["rows"]
-    done = sum(r["ok"] for r in rows.values())
+    done = sum(r["ok"] for r in rows.values())  # skipped ones are counted apart
     lines = [f"# Every notebook at real width: {record['shape']}, {record['layers']} layers", "",
              f"Written by `make bench-scale` (`benchmarks/scale.py`); {done} of {len(record['notebooks'])} notebooks "
              f"finished so far. Machine: {record['machine']}. Default parameters, `model` = the random-weight shape "
@@ -112,7 +129,7 @@ def table(record: dict) -> str:
              "process (its largest resident set).", "",
              "The seed column is what the notebook's `seed` profile (`instab run NAME --profile seed`) costs at this "
              "width: measured where the seed's sizes are the defaults, else extrapolated from this run in proportion "
-             "to the work unit named.", "",
+             "to the work unit named (an upper bound where fixed costs, such as a Jacobian, dominate).", "",
              "| notebook | ok | wall s | peak RSS MiB | seed profile at this width | finished | error |",
              "|---|---|---|---|---|---|---|"]
     for name in record["notebooks"]:
@@ -121,7 +138,8 @@ def table(record: dict) -> str:
             lines.append(f"| {name} | not yet run | | | | | |")
         else:
             seed = seed_cost(name, r["wall_s"], int(record.get("d") or 0)) if r["ok"] else ""
-            lines.append(f"| {name} | {'yes' if r['ok'] else '**no**'} | {r['wall_s']:.1f} | {r['peak_rss_mib']:.0f} | "
+            ok = "yes" if r["ok"] else "skipped" if r.get("skipped") else "**no**"
+            lines.append(f"| {name} | {ok} | {r['wall_s']:.1f} | {r['peak_rss_mib']:.0f} | "
                          f"{seed} | {r['finished']} | {r['error']} |")
     return "\n".join(lines) + "\n"
 
@@ -154,7 +172,7 @@ def main() -> None:
         _write(md, table(record))
         print(f"wrote {md}")
         return
-    todo = [n for n in names if not record["rows"].get(n, {}).get("ok")]
+    todo = [n for n in names if not (record["rows"].get(n, {}).get("ok") or record["rows"].get(n, {}).get("skipped"))]
     print(f"{len(names) - len(todo)} notebooks already finished for {args.shape} -L {args.layers}; running {todo}")
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     work = Path(args.work or cache / "instab" / f"scale-{args.shape}-L{args.layers}")
