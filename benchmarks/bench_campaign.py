@@ -33,7 +33,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--angles", type=int, default=24)
     args = ap.parse_args()
-    fixed = {"num_angles": args.angles, "check_bisect": False, "batch1_rays": 0}
+    fixed = {"num_angles": args.angles, "bisect_rays": 0, "batch1_rays": 0}
     grid = {"text": ["The capital of France is", "Water boils at"], "dtype": ["float32", "float64"]}
     with tempfile.TemporaryDirectory(prefix="instab-bench-campaign-") as tmp:
         tmp = Path(tmp)

@@ -434,7 +434,7 @@ def page(rows: list[tuple[str, Finding]], pages: dict[str, str], model: str) -> 
         "| experiment | measured here | the seed reported |", "|---|---|---|"]
     for key, r in rows:
         name = f"[{r.experiment}]({pages[key]})" if key in pages else r.experiment
-        where = (f"<br><small>from {r.run.parent.name}/{r.run.name}: {', '.join(r.values)}</small>"
+        where = (f"<br><small>from {r.run.parent.name}/{r.run.name}: {'; '.join(r.values)}</small>"
                  if r.run is not None else "")
         why = f"<br>*{_cell(r.why)}*" if r.why else ""
         lines.append(f"| {name}<br>**{r.verdict}** | {_cell(r.measured)}{why}{where} | “{_cell(r.seed)}” "

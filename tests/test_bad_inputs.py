@@ -188,8 +188,8 @@ def test_cli_values_take_the_parameters_declared_type():
     src = REPO / "nbs/exp12_polar_boundary.ipynb"
     assert P.check("exp12", src, {"text": 2024}, raw={"text": "2024"}) == {"text": "2024"}  # a str parameter
     assert P.check("exp12", src, {"s_max": 1}) == {"s_max": 1.0} and type(P.check("exp12", src, {"s_max": 1})["s_max"]) is float
-    with pytest.raises(P.ParameterError, match="'check_bisect' takes bool"):
-        P.check("exp12", src, {"check_bisect": 1})
+    with pytest.raises(P.ParameterError, match="'bisect_rays' takes int"):
+        P.check("exp12", src, {"bisect_rays": 1.5})
     wp = REPO / "nbs/wordpred_document.ipynb"
     assert P.check("wordpred", wp, {"context": None, "path": "/doc.pdf"}) == {"context": None, "path": "/doc.pdf"}
 
@@ -250,7 +250,7 @@ def test_notebook_failure_is_one_line(checkout, tmp_path, capsys, monkeypatch, w
 def test_corrupted_upstream_is_refused_downstream(checkout, tmp_path, capsys, monkeypatch):
     """exp12's directions.npz scaled by 10 (a valid file, the manifest's hash now stale): exp15 refuses to run."""
     monkeypatch.chdir(checkout)
-    assert main(["run", "exp12", "--smoke", "--results", str(tmp_path), "-p", "check_bisect", "false",
+    assert main(["run", "exp12", "--smoke", "--results", str(tmp_path), "-p", "bisect_rays", "0",
                  "-p", "batch1_rays", "0"]) == 0
     (folder,) = (tmp_path / "exp12").iterdir()
     f = folder / "directions.npz"
@@ -272,7 +272,7 @@ def test_two_runs_at_once_never_share_a_folder(checkout, tmp_path):
     """Two `instab run exp12` with the same parameters started together: both finish, in their own results
     folders, and the executed notebook is one whole notebook (the second waited for the first)."""
     cmd = [str(Path(sys.executable).parent / "instab"), "run", "exp12", "--smoke", "--results", str(tmp_path),
-           "-p", "check_bisect", "false", "-p", "batch1_rays", "0"]
+           "-p", "bisect_rays", "0", "-p", "batch1_rays", "0"]
     procs = [subprocess.Popen(cmd, cwd=checkout, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]

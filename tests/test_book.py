@@ -199,8 +199,8 @@ def test_findings_page_is_second_and_its_numbers_are_the_manifests(built_book) -
     checked = 0
     for tr in rows:
         td = tr.find_all("td")  # experiment and verdict | measured, why and (small) where from | the seed's quote
-        small = td[1].find("small")  # "from <experiment>/<run id>: key, key, ...", taken out of the text checked
-        codes = re.split(r":\s|,\s", small.extract().get_text(" ", strip=True).removeprefix("from ")) if small else []
+        small = td[1].find("small")  # "from <experiment>/<run id>: key; key; ..." (keys may hold commas), taken out of the text checked
+        codes = re.split(r":\s|;\s", small.extract().get_text(" ", strip=True).removeprefix("from ")) if small else []
         exp, verdict, shown = td[0].find("a") or td[0], td[0].find("strong").get_text(), td[1].get_text(" ", strip=True)
         exp = exp.get_text(strip=True).split()[0]
         if exp in ran:

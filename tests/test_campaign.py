@@ -24,7 +24,7 @@ from instab_core import campaign_report as CR
 from instab_core.cli import main
 from randmodels import random_model_dir
 
-GOOD = {"name": "t", "experiment": "exp12", "profile": "smoke", "parameters": {"check_bisect": False},
+GOOD = {"name": "t", "experiment": "exp12", "profile": "smoke", "parameters": {"bisect_rays": 0},
         "grid": {"dtype": ["float32", "float64"], "text": ["a b c", "d e f"]}}
 
 
@@ -88,17 +88,17 @@ def test_cells_are_the_cross_product_with_ids_from_notebook_parameters_and_weigh
     assert [cell.values for cell in c.cells] == [{"dtype": d, "text": t} for d in ("float32", "float64")
                                                  for t in ("a b c", "d e f")]
     assert c.cells[0].parameters["num_angles"] == 24  # the smoke profile, then parameters, then the grid
-    assert c.cells[0].parameters["check_bisect"] is False
+    assert c.cells[0].parameters["bisect_rays"] == 0
     again = C.from_dict(_doc(), root=REPO, folder=tmp_path)
     assert [x.id for x in again.cells] == [x.id for x in c.cells], "ids are stable"
     assert len({x.id for x in c.cells}) == 4
-    other = C.from_dict(_doc(parameters={"check_bisect": True}), root=REPO, folder=tmp_path)
+    other = C.from_dict(_doc(parameters={"bisect_rays": 4}), root=REPO, folder=tmp_path)
     assert not {x.id for x in other.cells} & {x.id for x in c.cells}, "a parameter change makes new cells"
 
 
 def test_new_weights_in_the_same_model_folder_make_new_cells(tmp_path):
     model = random_model_dir(tmp_path / "m", "llama", seed=1)
-    doc = _doc(parameters={"check_bisect": False, "model": str(model)})
+    doc = _doc(parameters={"bisect_rays": 0, "model": str(model)})
     before = C.from_dict(doc, root=REPO, folder=tmp_path / "f").cells
     random_model_dir(tmp_path / "m", "llama", seed=2)  # same path, same parameters, other weights
     after = C.from_dict(doc, root=REPO, folder=tmp_path / "f").cells

@@ -70,7 +70,7 @@ def test_page_lists_each_experiment_once_with_its_sources(tmp_path: Path) -> Non
     table = [ln for ln in page.splitlines() if ln.startswith("| ") and not ln.startswith("| experiment")]
     assert len(table) == len(F.CLAIMS)
     assert table[0].startswith("| [exp12](experiments/exp12_polar_boundary.ipynb)<br>**differs** |")
-    assert "<small>from exp12/run1: rays, " in table[0] and "(seed 001, Experiment 12)" in table[0]
+    assert "<small>from exp12/run1: rays; " in table[0] and "(seed 001, Experiment 12)" in table[0]
     assert sum("**not run**" in ln for ln in table) == len(F.CLAIMS) - 1
 
 
