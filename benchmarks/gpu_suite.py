@@ -11,6 +11,7 @@ Everything goes under ``--work`` (models, executed notebooks, results); only ``-
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -104,9 +105,6 @@ def kernel_figures(model: str, device: str, rays: int, batch: int, text: str) ->
                      "audit": res.audit}
     fig["peak_gpu_mib_in_process"] = (torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda")
                                       else float("nan"))
-    del h, probe
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
     return fig
 
 
@@ -241,6 +239,10 @@ def main() -> None:
     if "kernel" not in skip:
         try:
             fig = kernel_figures(model, args.device, args.rays, args.batch, args.text)
+            # its model is garbage now: hand the cached blocks back, or the notebooks share the GPU with 32 GB of it
+            gc.collect()
+            if args.device.startswith("cuda"):
+                torch.cuda.empty_cache()
             print(json.dumps(fig, default=str), flush=True)
         except Exception as exc:
             errors.append(f"kernel figures: {type(exc).__name__}: {exc}")

@@ -161,6 +161,10 @@ class BoundaryResult:
         return {k: getattr(self, k) for k in ("s_in", "s_out", "s_below", "absorbed", "emb_l2", "hid_l2",
                                               "states", "status")}
 
+    def rays(self, idx: np.ndarray) -> "BoundaryResult":
+        """The result restricted to rays ``idx`` (int array); ``rows`` is 0 there: rows are not per ray."""
+        return BoundaryResult(**{k: v[idx] for k, v in self.arrays().items()}, rows=0, params=dict(self.params))
+
     def lattice_summary(self) -> dict[str, Any]:
         """How the output boundary sits on the input lattice, over the rays with status "found".
 
@@ -455,6 +459,13 @@ def compare_methods(a: BoundaryResult, b: BoundaryResult) -> pd.DataFrame:
     rays = np.flatnonzero(~same)
     return pd.DataFrame({"ray": rays, "s_out_a": sa[rays], "s_out_b": sb[rays], "status_a": a.status[rays],
                          "status_b": b.status[rays]})
+
+
+def spaced_rays(num_angles: int, k: int) -> np.ndarray:
+    """Up to ``k`` ray indices evenly spaced over ``range(num_angles)`` (int64, sorted, distinct; 0 and the last kept)."""
+    if k < 0 or num_angles < 1:
+        raise ValueError(f"need num_angles >= 1 and k >= 0, got num_angles={num_angles}, k={k}")
+    return np.unique(np.linspace(0, num_angles - 1, min(k, num_angles)).astype(np.int64))
 
 
 def plane_directions(e1: np.ndarray, e2: np.ndarray, num_angles: int) -> tuple[np.ndarray, torch.Tensor]:

@@ -111,6 +111,21 @@ def test_batched_rays_equal_one_ray_at_a_time(handle):
         alone = boundary.first_output_change(probe, D[r:r + 1], 1e-6, progress=False)
         assert alone.s_out[0] == together.s_out[r] or np.isnan(alone.s_out[0]) and np.isnan(together.s_out[r])
         assert alone.absorbed[0] == together.absorbed[r]
+    idx = np.array([0, 5, 10])  # the page compares a sample of rays through rays(idx)
+    assert together.rays(idx).table().equals(together.table().iloc[idx].reset_index(drop=True))
+
+
+def test_spaced_rays_are_distinct_sorted_and_keep_both_ends():
+    rng = np.random.default_rng(SESSION_SEED)
+    for n, k in [(1, 1), (5, 10), (1000, 200), *zip(rng.integers(1, 500, 20), rng.integers(0, 600, 20))]:
+        got = boundary.spaced_rays(int(n), int(k))
+        assert len(got) == len(set(got.tolist())) <= min(n, k) and (np.diff(got) > 0).all()
+        if k >= 2:
+            assert got[0] == 0 and got[-1] == n - 1
+        if k >= n:
+            assert got.tolist() == list(range(n)), "asking for every ray gives every ray"
+    with pytest.raises(ValueError, match="k >= 0"):
+        boundary.spaced_rays(10, -1)
 
 
 def test_batch1_semantics_matches_brute_force_at_batch1(handle):
