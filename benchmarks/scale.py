@@ -30,7 +30,7 @@ from typing import Callable
 
 HERE = Path(__file__).resolve().parent
 # Run last, most expensive last (measured or estimated at d=2048 on 2 cores): a partial run still covers the rest.
-LAST = ["fisher", "exp07", "exp04", "exp08", "exp06", "levelsets", "exp13", "exp15"]  # exp15 reads the exp12 and exp13 runs
+LAST = ["fisher", "exp06", "exp07", "exp04", "exp08", "levelsets", "exp13", "exp15"]  # exp07 reads an exp06 run, exp15 the exp12 and exp13 runs
 
 
 def model_parameter(name: str, model: str) -> dict | None:
