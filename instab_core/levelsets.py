@@ -42,6 +42,7 @@ from .models import ModelHandle
 from .probe import run_until
 
 Method = Literal["newton", "adam"]
+CHUNK_BYTES = 2 ** 30  # memory budget of one batched KL evaluation (its vocabulary-sized buffers)
 
 
 class LevelSetError(RuntimeError):
@@ -161,17 +162,30 @@ class LevelSet:
         logp = torch.log_softmax(self.logits(X).double(), dim=-1)
         return self._tlogt - (self.target * logp).sum(-1)
 
+    def _row_chunks(self, n: int) -> list[slice]:
+        """Row slices of at most ``CHUNK_BYTES`` of vocabulary-sized buffers each (logits, their float64
+        log-softmax and its gradient: ~40 bytes per row and vocabulary entry), so 2d rows at V = 128k fit."""
+        per = max(1, CHUNK_BYTES // (40 * self.target.shape[0]))
+        return [slice(s, min(n, s + per)) for s in range(0, max(n, 1), per)]  # one empty slice for n = 0
+
     def value_and_grad(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(KL [n] float64, ∇KL [n, d] model dtype): one batched forward and one backward."""
-        X = X.detach().to(device=self.prefix.device, dtype=self.handle.dtype).requires_grad_(True)
-        with torch.enable_grad():
-            k = self.kl(X)
-            (g,) = torch.autograd.grad(k.sum(), X)  # rows are independent: the gradient of the sum is per row
-        return k.detach(), g.detach()
+        """(KL [n] float64, ∇KL [n, d] model dtype): one forward and one backward per chunk of rows."""
+        X = X.detach().to(device=self.prefix.device, dtype=self.handle.dtype)
+        k = torch.empty(X.shape[0], dtype=torch.float64, device=X.device)
+        g = torch.empty_like(X)
+        for rows in self._row_chunks(X.shape[0]):
+            xr = X[rows].requires_grad_(True)
+            with torch.enable_grad():
+                kr = self.kl(xr)
+                (g[rows],) = torch.autograd.grad(kr.sum(), xr)  # rows are independent: the sum's gradient is per row
+            k[rows] = kr.detach()
+        return k, g
 
     @torch.no_grad()
     def value(self, X: torch.Tensor) -> torch.Tensor:
-        return self.kl(X)
+        """KL [n] float64, chunked as :meth:`value_and_grad`."""
+        X = X.to(device=self.prefix.device, dtype=self.handle.dtype)
+        return torch.cat([self.kl(X[rows]) for rows in self._row_chunks(X.shape[0])])
 
     def analytic_normal(self, X: torch.Tensor) -> torch.Tensor:
         """Unit normals ∇KL/‖∇KL‖ [n, d] (float64), pointing towards larger KL; one backward pass."""
@@ -242,37 +256,37 @@ class LevelSet:
         step_count = 0
         while active.any() and step_count < max_iters:
             step_count += 1
-            a = active
+            # only the rows still moving are evaluated: a central difference's 2d rows mostly stop within a step
+            a = active.nonzero()[:, 0]
             if method == "newton":
-                kk = k.clamp(min=1e-300)
+                ka, ga = k[a], g[a].double()
+                kk = ka.clamp(min=1e-300)
                 phi = kk.log() - log_eps
-                gd = g.double()
-                g2 = gd.pow(2).sum(1).clamp(min=1e-300)
+                g2 = ga.pow(2).sum(1).clamp(min=1e-300)
                 # Newton steps along ∇KL for KL − ε and for log KL − log ε; the shorter one is taken: the
                 # first overshoots where KL grows like an exponential, the second near a quadratic minimum
-                t_lin = (k - self.epsilon) / g2
+                t_lin = (ka - self.epsilon) / g2
                 t_log = phi * kk / g2
-                step = -torch.where(t_lin.abs() <= t_log.abs(), t_lin, t_log)[:, None] * gd
+                step = -torch.where(t_lin.abs() <= t_log.abs(), t_lin, t_log)[:, None] * ga
                 norm = step.norm(dim=1)
-                step = step * (torch.clamp(max_step / norm.clamp(min=1e-300), max=1.0) * damp)[:, None]
-                cand = X.clone()
-                cand[a] = (X.double() + step).to(X.dtype)[a]
+                step = step * (torch.clamp(max_step / norm.clamp(min=1e-300), max=1.0) * damp[a])[:, None]
+                cand = (X[a].double() + step).to(X.dtype)
                 k_new, g_new = self.value_and_grad(cand)
-                worse = ((k_new.clamp(min=1e-300).log() - log_eps).abs() > phi.abs()) & a
-                accept = a & ~worse
-                X[accept], k[accept], g[accept] = cand[accept], k_new[accept], g_new[accept]
-                damp = torch.where(worse, damp / 2, torch.clamp(damp * 2, max=1.0))
+                worse = (k_new.clamp(min=1e-300).log() - log_eps).abs() > phi.abs()
+                ok = ~worse
+                X[a[ok]], k[a[ok]], g[a[ok]] = cand[ok], k_new[ok], g_new[ok]
+                damp[a] = torch.where(worse, damp[a] / 2, torch.clamp(damp[a] * 2, max=1.0))
             else:  # the seed's Adam on |KL − ε|, elementwise, so per point
-                gl = torch.sign(k - self.epsilon)[:, None].to(X.dtype) * g
-                m[a] = 0.9 * m[a] + 0.1 * gl[a]
-                v[a] = 0.999 * v[a] + 0.001 * gl[a] ** 2
+                gl = torch.sign(k[a] - self.epsilon)[:, None].to(X.dtype) * g[a]
+                m[a] = 0.9 * m[a] + 0.1 * gl
+                v[a] = 0.999 * v[a] + 0.001 * gl ** 2
                 t = (iters[a.cpu()] + 1).to(X.device, X.dtype)[:, None]
                 mhat = m[a] / (1 - 0.9 ** t)
                 vhat = v[a] / (1 - 0.999 ** t)
                 X[a] = X[a] - learning_rate * mhat / (vhat.sqrt() + 1e-8)
-                k, g = self.value_and_grad(X)
+                k[a], g[a] = self.value_and_grad(X[a])
             iters[a.cpu()] += 1
-            active = active & ((k - self.epsilon).abs() >= self.tol_abs)
+            active[a] = (k[a] - self.epsilon).abs() >= self.tol_abs
         res = Projection(points=X, start=start, kl=k.cpu().numpy(), iterations=iters.numpy(),
                          converged=~active.cpu().numpy(), epsilon=self.epsilon, tolerance=self.tolerance,
                          seconds=time.perf_counter() - t0, method=method)
@@ -321,8 +335,10 @@ def choose_epsilon(handle: ModelHandle, target: int | torch.Tensor | np.ndarray,
 
 @dataclass
 class CDNormal:
-    """A central-difference normal: ``normal`` [d] (unit, float64), ``a``, ``b`` [d] distances travelled back to
-    the level set from x + δe_i and x − δe_i, ``converged_plus`` / ``converged_minus`` [d], ``seconds``."""
+    """A central-difference normal on the coordinates ``dims`` [m] (int64; all d unless a subset was asked):
+    ``normal`` [m] (unit on those coordinates, float64), ``a``, ``b`` [m] distances travelled back to the level
+    set from x + δe_i and x − δe_i, ``converged_plus`` / ``converged_minus`` [m], ``seconds``. Compare it with a
+    full normal n [d] as ``cosine(n[cd.dims], cd.normal)``."""
 
     normal: np.ndarray
     a: np.ndarray
@@ -331,6 +347,7 @@ class CDNormal:
     converged_minus: np.ndarray
     seconds: float
     variant: str
+    dims: np.ndarray
 
     @property
     def degenerate(self) -> bool:
@@ -345,7 +362,8 @@ class CDNormal:
 def central_difference_normal(ls: LevelSet, x: torch.Tensor, delta: float = 1e-3, method: Method = "adam",
                               max_iters: int = 100, learning_rate: float = 1e-3, batch_size: int | None = None,
                               sequential: bool = False, variant: Literal["seed", "signed"] = "seed",
-                              strict: bool = False, progress: bool = False) -> CDNormal:
+                              strict: bool = False, progress: bool = False,
+                              dims: np.ndarray | list[int] | None = None) -> CDNormal:
     """The seed's normal at x [d] on the level set: for each dimension i, x ± δe_i are optimised back to the
     level set (``method``, ``max_iters``, ``learning_rate`` as the seed) and a_i, b_i are the distances moved.
 
@@ -353,7 +371,9 @@ def central_difference_normal(ls: LevelSet, x: torch.Tensor, delta: float = 1e-3
     ``variant="signed"``: each distance counts positive when the perturbed point is outside (KL > ε), and
     n_i = (a_i^± − b_i^±)/(2δ) → ∂KL/∂x_i / ‖∇KL‖ as δ → 0 with an exact (Newton) projection.
     ``sequential``: one perturbation at a time at batch 1 (the reference); otherwise batched,
-    ``batch_size`` dimensions (2·batch_size rows) per batch, all 2d at once by default.
+    ``batch_size`` dimensions (2·batch_size rows) per batch, all at once by default.
+    ``dims``: the coordinates to difference (default all d); each costs two projections, so at d = 2048 a
+    subset bounds the cost, and the components found are those of the full method on those coordinates.
     Unconverged projections are counted in the result (``strict`` raises instead).
     """
     if not delta > 0:
@@ -362,9 +382,12 @@ def central_difference_normal(ls: LevelSet, x: torch.Tensor, delta: float = 1e-3
         raise ValueError(f"variant must be 'seed' or 'signed', got {variant!r}")
     t0 = time.perf_counter()
     x = x.detach().to(device=ls.prefix.device, dtype=ls.handle.dtype)
-    d = x.shape[0]
-    eye = torch.eye(d, dtype=x.dtype, device=x.device) * delta
-    starts = torch.cat([x[None] + eye, x[None] - eye])  # rows 0..d-1: +δe_i; d..2d-1: −δe_i
+    dims = np.arange(x.shape[0]) if dims is None else np.asarray(dims, dtype=np.int64)
+    if dims.ndim != 1 or dims.size == 0 or dims.min() < 0 or dims.max() >= x.shape[0] or np.unique(dims).size != dims.size:
+        raise ValueError(f"dims must be distinct coordinates in 0..{x.shape[0] - 1}")
+    d = dims.size
+    eye = torch.eye(x.shape[0], dtype=x.dtype, device=x.device)[torch.as_tensor(dims, device=x.device)] * delta
+    starts = torch.cat([x[None] + eye, x[None] - eye])  # rows 0..d-1: +δe_i; d..2d-1: −δe_i, i in dims
     kw = dict(method=method, max_iters=max_iters, learning_rate=learning_rate, strict=strict)
     if sequential:
         chunks = [torch.tensor([r]) for r in range(2 * d)]
@@ -378,7 +401,7 @@ def central_difference_normal(ls: LevelSet, x: torch.Tensor, delta: float = 1e-3
     if progress:
         from tqdm.auto import tqdm
         chunks = tqdm(chunks, desc="central differences", unit="batch")
-    pts = torch.empty(2 * d, d, dtype=torch.float64, device=x.device)
+    pts = torch.empty(2 * d, x.shape[0], dtype=torch.float64, device=x.device)
     conv = np.zeros(2 * d, dtype=bool)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # unconverged projections are counted in the result, not warned per batch
@@ -396,7 +419,17 @@ def central_difference_normal(ls: LevelSet, x: torch.Tensor, delta: float = 1e-3
         n = (sgn[:d] * a - sgn[d:] * b) / (2 * delta)
     norm = np.linalg.norm(n)
     return CDNormal(normal=n / norm if norm > 0 else n, a=a, b=b, converged_plus=conv[:d], converged_minus=conv[d:],
-                    seconds=time.perf_counter() - t0, variant=variant)
+                    seconds=time.perf_counter() - t0, variant=variant, dims=dims)
+
+
+def cd_coordinates(d: int, k: int | None, seed: int = 0) -> np.ndarray:
+    """The coordinates [m] (int64, sorted) a central difference runs on: all d when k is None or k >= d, else k
+    drawn without replacement (seeded). The seed differences all d; at d = 2048 that is 4096 projections."""
+    if k is not None and k < 1:
+        raise ValueError(f"the number of central-difference coordinates must be >= 1 or None (all), got {k}")
+    if k is None or k >= d:
+        return np.arange(d)
+    return np.sort(np.random.default_rng(seed).choice(d, size=k, replace=False))
 
 
 def cosine(u: torch.Tensor | np.ndarray, v: torch.Tensor | np.ndarray) -> float:

@@ -7,6 +7,8 @@ distances computed in numpy.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -105,6 +107,50 @@ def test_batched_central_differences_equal_the_sequential_reference(handle, sett
         assert np.allclose(bat.a, seq.a, rtol=1e-7, atol=1e-12) and np.allclose(bat.b, seq.b, rtol=1e-7, atol=1e-12)
         assert (bat.converged_plus == seq.converged_plus).all() and (bat.converged_minus == seq.converged_minus).all()
         assert np.allclose(bat.normal, seq.normal, atol=1e-6)
+
+
+def test_central_differences_on_a_coordinate_subset_are_the_full_method_restricted(handle, setting):
+    ls, x = setting
+    kw = dict(delta=1e-2, method="newton", max_iters=15, variant="signed")
+    full = L.central_difference_normal(ls, x, **kw)
+    S = L.cd_coordinates(x.shape[0], int(RNG.integers(2, x.shape[0])), seed=int(RNG.integers(1 << 30)))
+    sub = L.central_difference_normal(ls, x, dims=S, **kw)
+    assert (sub.dims == S).all() and sub.normal.shape == S.shape
+    assert np.allclose(sub.a, full.a[S], rtol=1e-7, atol=1e-12) and np.allclose(sub.b, full.b[S], rtol=1e-7, atol=1e-12)
+    assert L.cosine(sub.normal, full.normal[S]) > 1 - 1e-9
+    for bad in ([], [0, 0], [x.shape[0]], [-1]):
+        with pytest.raises(ValueError, match="dims must be distinct coordinates"):
+            L.central_difference_normal(ls, x, dims=bad, **kw)
+
+
+def test_cd_coordinates_are_all_or_a_distinct_sorted_subset():
+    for _ in range(20):
+        d = int(RNG.integers(1, 300))
+        k = int(RNG.integers(1, 2 * d + 1))
+        S = L.cd_coordinates(d, k, seed=int(RNG.integers(1 << 30)))
+        assert S.size == min(d, k) and np.unique(S).size == S.size and (np.diff(S) > 0).all() and 0 <= S[0] and S[-1] < d
+    assert (L.cd_coordinates(7, None) == np.arange(7)).all()
+    with pytest.raises(ValueError, match=">= 1 or None"):
+        L.cd_coordinates(7, 0)
+
+
+@pytest.mark.parametrize("method", ["newton", "adam"])
+def test_projection_in_memory_chunks_equals_each_row_alone(handle, setting, method, monkeypatch):
+    """Chunked evaluation (two rows per chunk) and active-row compaction leave every row's answer as when it is
+    projected alone at batch 1: rows are independent."""
+    ls, x1 = setting  # x1 is on the level set: its row stops at step 0 while the others move
+    X = torch.cat([x1[None], L.sample_vocab_ellipse(handle, 4, seed=int(RNG.integers(1 << 30)))])
+    kw = dict(method=method, max_iters=8, strict=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # unconverged rows are compared too
+        alone = [ls.project(X[i:i + 1], **kw) for i in range(5)]
+        monkeypatch.setattr(L, "CHUNK_BYTES", 2 * 40 * ls.target.shape[0])
+        assert [r.stop - r.start for r in ls._row_chunks(5)] == [2, 2, 1]
+        chunked = ls.project(X, **kw)
+    assert np.allclose(chunked.points.numpy(), torch.cat([a.points for a in alone]).numpy(), rtol=1e-9, atol=1e-12)
+    assert (chunked.iterations == np.concatenate([a.iterations for a in alone])).all()
+    assert (chunked.converged == np.concatenate([a.converged for a in alone])).all()
+    assert chunked.iterations[0] == 0 and chunked.iterations.max() > 0
 
 
 def test_signed_central_differences_converge_to_the_analytic_normal(handle, setting):
