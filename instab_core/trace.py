@@ -22,6 +22,7 @@ Stage names, in network order: ``embedding``, ``layer{i}.{sub}`` (the adapter's 
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -44,6 +45,7 @@ from .sweep import cosine_rows
 FORMAT = "instab-trace/1"
 DECIMALS = tuple(range(1, 16))  # the seed's |Δ| >= 10^-k bins, k = 1..15
 RESIDUAL = "residual"  # stages on the residual stream, where a logit lens applies
+CHUNK_BYTES = 2 ** 28  # memory budget of one vocabulary chunk in unembedding_angles (float64 rows + their logits)
 
 
 class TraceError(ValueError):
@@ -193,7 +195,8 @@ def capture(handle: ModelHandle, prompt: str, out_dir: str | os.PathLike, steps:
     Stage outputs are taken at row 0, last position. Every ``chunk`` steps the arrays (and the KV
     cache) are written atomically; calling again with the same arguments on an interrupted folder
     resumes from the last chunk and gives the same result bit for bit. Cost: one prompt forward
-    plus ``steps − 1`` one-token forwards (cached), or Σ_t (L + t)-token forwards (uncached).
+    plus ``steps − 1`` one-token forwards (cached), or Σ_t (L + t)-token forwards (uncached); every
+    forward unembeds only its last position (:func:`last_logits_kwargs`), one V × d product per row.
     """
     if not (isinstance(steps, int) and steps >= 1):
         raise TraceError(f"steps must be a positive integer, got {steps!r}")
@@ -228,6 +231,21 @@ def capture(handle: ModelHandle, prompt: str, out_dir: str | os.PathLike, steps:
         torch.set_num_threads(old_threads)
 
 
+def last_logits_kwargs(handle: ModelHandle) -> dict[str, int]:
+    """Forward keywords that unembed only the last position (HF's ``logits_to_keep=1``, what ``generate`` passes).
+
+    Only the last position's logits choose a token, so the prompt forward and every uncached re-run need one
+    vocabulary row per batch row, not one per position (at V = 128k and a 236-token sequence: 236 × 128256
+    logits and 236 × V × d multiply-adds, where 1 × V × d do). The hidden states are untouched; the kept
+    row is the unembedding of the last state alone, as in every cached one-token step. Empty for a model whose
+    forward has no such keyword (then every position is unembedded, as before)."""
+    try:
+        names = inspect.signature(handle.model.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {"logits_to_keep": 1} if "logits_to_keep" in names else {}
+
+
 @torch.no_grad()
 def _generate(handle: ModelHandle, ids: torch.Tensor, out: Path, manifest: dict[str, Any],
               mods: dict[str, torch.nn.Module], progress: bool) -> "Trace":
@@ -256,6 +274,7 @@ def _generate(handle: ModelHandle, ids: torch.Tensor, out: Path, manifest: dict[
         return grab
 
     handles = [m.register_forward_hook(hook(n)) for n, m in mods.items()]
+    last_only = last_logits_kwargs(handle)
     eos = handle.tokenizer.eos_token_id
     rows = s["batch_rows"]
     prompts = [ids.tolist()] * rows + [list(c) for c in s.get("companions", [])]
@@ -283,10 +302,10 @@ def _generate(handle: ModelHandle, ids: torch.Tensor, out: Path, manifest: dict[
                 positions = (mask.cumsum(1) - 1).clamp(min=0)[:, -batch.shape[1]:]
                 kw = {"attention_mask": mask, "position_ids": positions}
             if s["use_cache"]:
-                o = handle.model(input_ids=batch, past_key_values=cache, use_cache=True, **kw)
+                o = handle.model(input_ids=batch, past_key_values=cache, use_cache=True, **kw, **last_only)
                 cache = o.past_key_values
             else:
-                o = handle.model(input_ids=batch, use_cache=False, **kw)
+                o = handle.model(input_ids=batch, use_cache=False, **kw, **last_only)
             return o.logits[:, -1]
 
         def generated() -> list[list[int]]:
@@ -714,26 +733,70 @@ def recomputed_logits(comp: Comparison, handle: ModelHandle, step: int | None = 
 
 
 @torch.no_grad()
-def unembedding_angles(handle: ModelHandle, states: torch.Tensor, ranks: Sequence[int] = (1, 2, 3, 10, 100)
-                       ) -> pd.DataFrame:
+def unembedding_angles(handle: ModelHandle, states: torch.Tensor, ranks: Sequence[int] = (1, 2, 3, 10, 100),
+                       chunk_bytes: int = CHUNK_BYTES) -> pd.DataFrame:
     """Angles (degrees) between final-norm states [T, d] and the unembedding rows of the tokens ranked
-    ``ranks`` by those states' own logits (float64; the states are not normalised again)."""
-    W = handle.unembed.weight.double()
+    ``ranks`` by those states' own logits (float64; the states are not normalised again; equal logits rank
+    the lower token id first).
+
+    The float64 logits are computed a vocabulary chunk at a time (each chunk's float64 rows and its
+    [T, chunk] logits within ``chunk_bytes``), keeping a running top-max(ranks): no float64 copy of the
+    whole unembedding, no [T, V] logits and no full sort of them."""
+    W = handle.unembed.weight
+    V, d = W.shape
+    if max(ranks) > V or min(ranks) < 1:
+        raise TraceError(f"ranks must be within 1..{V}")
     x = states.to(device=W.device, dtype=torch.float64)
-    logits = x @ W.T
     bias = getattr(handle.unembed, "bias", None)
-    if bias is not None:
-        logits = logits + bias.double()
-    if max(ranks) > W.shape[0] or min(ranks) < 1:
-        raise TraceError(f"ranks must be within 1..{W.shape[0]}")
-    order = torch.argsort(logits, dim=1, descending=True)
+    top = top_logit_ids(x, W, max(ranks), bias=bias, chunk_bytes=chunk_bytes)
     rows = []
     for r in ranks:
-        ids = order[:, r - 1]
-        ang = torch.rad2deg(torch.arccos(cosine_rows(x, W[ids]).clamp(-1, 1)))
+        ids = top[:, r - 1]
+        ang = torch.rad2deg(torch.arccos(cosine_rows(x, W[ids].double()).clamp(-1, 1)))
         rows.append(pd.DataFrame({"step": np.arange(len(x)), "rank": r, "token_id": ids.cpu().numpy(),
                                   "angle_deg": ang.cpu().numpy()}))
     return pd.concat(rows, ignore_index=True)
+
+
+def _rank_order(values: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of (values, ids) reordered by value descending, equal values by id ascending."""
+    by_id = ids.argsort(dim=1)
+    values, ids = values.gather(1, by_id), ids.gather(1, by_id)
+    order = torch.sort(values, dim=1, descending=True, stable=True).indices
+    return values.gather(1, order), ids.gather(1, order)
+
+
+@torch.no_grad()
+def top_logit_ids(x: torch.Tensor, W: torch.Tensor, k: int, bias: torch.Tensor | None = None,
+                  chunk_bytes: int = CHUNK_BYTES) -> torch.Tensor:
+    """Ids [T, k] of the k largest float64 logits x @ W.T (+ bias) of each row of x [T, d], largest first,
+    equal logits by lower id (a stable descending argsort of the full logits, truncated to k).
+
+    Matrix-free over the vocabulary: W [V, d] (any dtype) is widened to float64 one chunk of rows at a time,
+    the chunk's logits and its top k merged into a running top k; peak memory about ``chunk_bytes``."""
+    V, d = W.shape
+    T = x.shape[0]
+    k = min(int(k), V)
+    x = x.to(device=W.device, dtype=torch.float64)
+    step = max(k, int(chunk_bytes) // (8 * (d + max(T, 1))))
+    best_v = torch.empty(T, 0, dtype=torch.float64, device=W.device)
+    best_i = torch.empty(T, 0, dtype=torch.long, device=W.device)
+    for start in range(0, V, step):
+        stop = min(V, start + step)
+        logits = x @ W[start:stop].double().T
+        if bias is not None:
+            logits = logits + bias[start:stop].double()
+        kk = min(k, stop - start)
+        vals, idx = torch.topk(logits, kk, dim=1)
+        # topk may keep any of several equal values at its boundary: where more than kk logits reach the
+        # kk-th value, take that row's chunk by a stable sort instead (the lower ids among the equal ones)
+        tied = (logits >= vals[:, -1:]).sum(1) > kk
+        for r in torch.nonzero(tied).flatten().tolist():
+            o = torch.sort(logits[r], descending=True, stable=True).indices[:kk]
+            vals[r], idx[r] = logits[r, o], o
+        best_v, best_i = _rank_order(torch.cat([best_v, vals], 1), torch.cat([best_i, idx + start], 1))
+        best_v, best_i = best_v[:, :k], best_i[:, :k]
+    return best_i
 
 
 @torch.no_grad()

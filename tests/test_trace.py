@@ -148,9 +148,11 @@ def test_interrupted_capture_resumes_to_the_same_bits(handle, tmp_path, use_cach
         assert np.array_equal(v.view(np.uint8), resumed.arrays[k].view(np.uint8)), k
 
 
-def test_unembedding_angles_against_numpy(handle, base_trace):
+@pytest.mark.parametrize("chunk_bytes", [None, 1])  # the default (one chunk here), and a chunk of max(ranks) rows
+def test_unembedding_angles_against_numpy(handle, base_trace, chunk_bytes):
     states = base_trace.stage("final_norm")
-    got = tr.unembedding_angles(handle, states, ranks=(1, 2, 5))
+    kw = {} if chunk_bytes is None else {"chunk_bytes": chunk_bytes}
+    got = tr.unembedding_angles(handle, states, ranks=(1, 2, 5), **kw)
     W = handle.unembed.weight.detach().double().numpy()
     x = states.double().numpy()
     order = np.argsort(-(x @ W.T), axis=1, kind="stable")
@@ -160,6 +162,74 @@ def test_unembedding_angles_against_numpy(handle, base_trace):
         rows = got[got["rank"] == r]
         np.testing.assert_array_equal(rows.token_id.to_numpy(), ids)
         np.testing.assert_allclose(rows.angle_deg.to_numpy(), np.degrees(np.arccos(cos)), rtol=1e-10)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_top_logit_ids_chunked_equals_a_stable_full_argsort(ties):
+    """The vocabulary-chunked running top-k equals the top k of a stable descending argsort of the whole float64
+    logits, for fresh inputs, a bias, and chunks from k rows to the whole vocabulary. ``ties``: small-integer
+    inputs, so the logits are exact (any summation order) and full of equal values, straddling chunk boundaries
+    and the k-th place; equal logits must rank the lower id first."""
+    rng = np.random.default_rng(RNG.integers(2**32))
+    T, d, V, k = int(rng.integers(1, 9)), int(rng.integers(2, 12)), int(rng.integers(40, 300)), int(rng.integers(1, 30))
+    if ties:
+        x = torch.from_numpy(rng.integers(-2, 3, (T, d)).astype(np.float64))
+        W = torch.from_numpy(rng.integers(-1, 2, (V, d)).astype(np.float32))
+        b = torch.from_numpy(rng.integers(-1, 2, V).astype(np.float32))
+    else:
+        x = torch.from_numpy(rng.standard_normal((T, d)))
+        W = torch.from_numpy(rng.standard_normal((V, d)).astype(np.float32))
+        b = torch.from_numpy(rng.standard_normal(V).astype(np.float32))
+    for bias in (None, b):
+        logits = x.numpy() @ W.double().numpy().T + (0 if bias is None else bias.double().numpy())
+        want = np.argsort(-logits, axis=1, kind="stable")[:, :k]
+        for rows in (k, k + 1, int(rng.integers(k, V + 1)), V):  # rows of W per chunk
+            got = tr.top_logit_ids(x, W, k, bias=bias, chunk_bytes=8 * rows * (d + T))
+            np.testing.assert_array_equal(got.numpy(), want, err_msg=f"{rows} rows a chunk, bias {bias is not None}")
+    assert tr.top_logit_ids(x, W, V + 5).shape == (T, V)  # k beyond the vocabulary: all of it, ordered
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_every_forward_unembeds_only_its_last_position(handle, tmp_path, use_cache):
+    """The prompt forward and every uncached re-run unembed one position, not the whole sequence: the stored logits
+    are bitwise the unembedding of the stored final-norm state alone, equal (to float32 rounding) to the plain
+    whole-sequence forward's logits at that position, and every hidden state is bitwise the one computed with
+    all positions unembedded."""
+    widths = []
+    hd = handle.unembed.register_forward_hook(lambda m, i, o: widths.append(i[0].shape[-2]))
+    try:
+        t = tr.capture(handle, PROMPT, tmp_path / "last", steps=7, stages=["final_norm", "logits"],
+                       use_cache=use_cache, stop_at_eos=False, progress=False)
+    finally:
+        hd.remove()
+    assert widths == [1] * 7
+    states, logits = t.stage("final_norm"), t.stage("logits")
+    with torch.no_grad():
+        alone = torch.cat([handle.unembed(states[s].view(1, 1, -1))[0] for s in range(t.n_steps)])
+        ids = torch.tensor(t.prompt_ids + t.tokens.tolist())
+        plain = handle.model(input_ids=ids[None], use_cache=False).logits[0]  # every position unembedded
+    L = len(t.prompt_ids)
+    assert torch.equal(logits, alone)
+    torch.testing.assert_close(logits, plain[L - 1:L - 1 + t.n_steps], rtol=1e-5, atol=1e-5)
+    top = torch.topk(logits, 10)
+    np.testing.assert_array_equal(t.arrays["topk_ids"], top.indices.numpy())
+    assert torch.equal(torch.from_numpy(t.arrays["topk_logits"]), top.values)
+    assert t.tokens.tolist() == logits.argmax(1).tolist()
+    # the previous kernel, every position unembedded: the same states bit for bit
+    orig = tr.last_logits_kwargs
+    tr.last_logits_kwargs = lambda h: {}
+    try:
+        full = tr.capture(handle, PROMPT, tmp_path / "full", steps=7, stages="residual", use_cache=use_cache,
+                          stop_at_eos=False, progress=False)
+    finally:
+        tr.last_logits_kwargs = orig
+    mine = tr.capture(handle, PROMPT, tmp_path / "mine", steps=7, stages="residual", use_cache=use_cache,
+                      stop_at_eos=False, progress=False)
+    comp = tr.compare(full, mine)
+    if comp.divergence is not None:  # only where the previous logits were within rounding of a tie
+        gap = np.diff(full.arrays["topk_logits"][comp.divergence][:2])[0]
+        assert abs(gap) < 1e-5 * np.abs(full.arrays["topk_logits"][comp.divergence][0]) + 1e-6
+    assert (comp.per_step.changed == 0).all()
 
 
 def test_lens_on_final_norm_reproduces_the_stored_logits(handle, base_trace):
