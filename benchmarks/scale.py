@@ -2,16 +2,19 @@
 
     python benchmarks/scale.py [--shape llama-3.2-1b] [--layers 2] [--only exp12,exp02] [--timeout 3600] [--fresh]
 
-Builds ``SHAPE -L LAYERS`` (default llama-3.2-1b with 2 layers: d=2048, vocabulary 128256) into a temporary folder
-with ``instab_core.zoo.shapes``, runs each notebook once with ``{"model": DIR}`` and otherwise its defaults via
-``instab_core.book.run_notebook`` (executed notebooks and results into the temporary folder, never the checkout's
-book/experiments/ or results/), and records wall time, the peak RSS of the notebook's kernel and the outcome.
+Builds ``SHAPE -L LAYERS`` (default llama-3.2-1b with 2 layers: d=2048, vocabulary 128256) into the work folder
+with ``instab_core.zoo.shapes``, runs each notebook once with ``{"model": DIR}`` (``{"models": [DIR]}``) and otherwise
+its defaults via ``instab_core.book.run_notebook`` (executed notebooks and results into the work folder, never the
+checkout's book/experiments/ or results/), and records wall time, the peak RSS of the notebook's kernel and the
+outcome. A notebook that takes a GPT-2 family model instead (decomposition: ``gpt2_model``) gets ``gpt2-xl -L LAYERS``
+(d=1600, vocabulary 50257), built next to the other model when such a notebook is first to run.
 
 Hours on a 2-core CPU, so nothing is lost: after every notebook the record ``benchmarks/scale.json`` and the table
 ``benchmarks/scale.md`` are rewritten (atomically), and a later run skips the notebooks already finished for the
-same shape (``--fresh`` starts over; a failed or timed-out notebook is retried). Cheap notebooks run first. The model
-and the runs' results live in ``--work`` (default ``~/.cache/instab/scale-SHAPE-LLAYERS``, outside the checkout), so
-a resumed run reuses the model and exp15 finds the exp12/exp13 runs it reads.
+same shape (``--fresh`` starts over; a failed, timed-out or skipped notebook is retried). Cheap notebooks run first.
+The models (``model/``, ``model-gpt2-xl/``) and the runs' results live in ``--work`` (default
+``~/.cache/instab/scale-SHAPE-LLAYERS``, outside the checkout), so a resumed run reuses the models and exp15 finds the
+exp12/exp13 runs it reads.
 """
 
 from __future__ import annotations
@@ -31,26 +34,44 @@ from typing import Callable
 HERE = Path(__file__).resolve().parent
 # Run last, most expensive last (measured or estimated at d=2048 on 2 cores): a partial run still covers the rest.
 LAST = ["fisher", "exp06", "exp07", "exp04", "exp08", "levelsets", "exp13", "exp15"]  # exp07 reads an exp06 run, exp15 the exp12 and exp13 runs
+GPT2_SHAPE = "gpt2-xl"  # for the notebooks that take a GPT-2 family model (gpt2_model)
 
 
-def model_parameter(name: str, model: str) -> dict | None:
-    """The parameters that point notebook ``name`` at ``model`` (None: it takes no Llama-family model)."""
+def declared(name: str) -> dict:
     from instab_core import book, params
 
-    declared = params.declared(book.source(name))
-    if "model" in declared:
+    return params.declared(book.source(name))
+
+
+def model_parameter(name: str, model: str, gpt2_model: str) -> dict | None:
+    """The parameters that point notebook ``name`` at ``model``, or at ``gpt2_model`` where it takes a GPT-2 family
+    model (decomposition); None: it takes no model."""
+    names = declared(name)
+    if "model" in names:
         return {"model": model}
-    if "models" in declared:
+    if "models" in names:
         return {"models": [model]}
-    return None  # decomposition: its real-model part takes a GPT-2 family model (gpt2_model)
+    if "gpt2_model" in names:
+        return {"gpt2_model": gpt2_model}
+    return None
 
 
-def run_one(name: str, model: str, tmp: Path, timeout: int) -> dict:
-    """One notebook in a fresh child process; it reports the peak RSS of its own children (the kernel)."""
-    given = model_parameter(name, model)
+def ensure_model(shape: str, path: Path, layers: int) -> Path:
+    """``shape -L layers`` built into ``path`` once; a build interrupted before it finished is redone."""
+    from instab_core.zoo import shapes
+
+    if not (path / "shape.json").is_file():  # written last by shapes.build
+        shutil.rmtree(path, ignore_errors=True)
+        shapes.build(shape, path, layers=layers, progress=False)
+    return path
+
+
+def run_one(name: str, given: dict | None, tmp: Path, timeout: int) -> dict:
+    """One notebook with parameters ``given`` in a fresh child process; it reports the peak RSS of its own children
+    (the kernel)."""
     if given is None:
         return {"notebook": name, "wall_s": 0.0, "peak_rss_mib": float("nan"), "ok": False, "skipped": True,
-                "error": "not run: the notebook takes no Llama-family model", "finished": ""}
+                "error": "not run: the notebook takes no model parameter", "finished": ""}
     code = (
         "import sys, json, resource; from pathlib import Path; from instab_core import book\n"
         f"out = book.run_notebook({name!r}, {given!r}, out_dir=Path({str(tmp / 'nb')!r}), "
@@ -89,7 +110,8 @@ UNITS: dict[str, tuple[str, Callable[[dict, int], float]]] = {
     "exp08": ("generated tokens (len(questions) · steps)", lambda p, d: len(p["questions"]) * p["steps"]),
     "fisher": ("sentences (num_sentences)", lambda p, d: p["num_sentences"]),
     "lipschitz": ("directions (top_k + len(analyze_dims))", lambda p, d: p["top_k"] + len(p["analyze_dims"])),
-    "levelsets": ("start points (n_points)", lambda p, d: p["n_points"]),
+    "levelsets": ("coordinates differenced (cd_dims, all d in the seed)",
+                  lambda p, d: d if p["cd_dims"] is None else min(d, p["cd_dims"])),
     "linearity": ("directions × radii × scopes", lambda p, d: p["num_directions"] * len(p["radii"]) * len(p["scopes"])),
 }
 
@@ -125,8 +147,10 @@ def table(record: dict) -> str:
     lines = [f"# Every notebook at real width: {record['shape']}, {record['layers']} layers", "",
              f"Written by `make bench-scale` (`benchmarks/scale.py`); {done} of {len(record['notebooks'])} notebooks "
              f"finished so far. Machine: {record['machine']}. Default parameters, `model` = the random-weight shape "
-             f"(d = {record.get('d', '?')}, vocabulary {record.get('vocab', '?')}). Peak RSS is the notebook's kernel "
-             "process (its largest resident set).", "",
+             f"(d = {record.get('d', '?')}, vocabulary {record.get('vocab', '?')})"
+             + (f"; `gpt2_model` (decomposition) = {record['gpt2']['shape']} with {record['gpt2']['layers']} layers "
+                f"(d = {record['gpt2']['d']}, vocabulary {record['gpt2']['vocab']})" if record.get("gpt2") else "")
+             + ". Peak RSS is the notebook's kernel process (its largest resident set).", "",
              "The seed column is what the notebook's `seed` profile (`instab run NAME --profile seed`) costs at this "
              "width: measured where the seed's sizes are the defaults, else extrapolated from this run in proportion "
              "to the work unit named (an upper bound where fixed costs, such as a Jacobian, dominate).", "",
@@ -156,7 +180,6 @@ def main() -> None:
     ap.add_argument("--work", default="", help="model and results folder (default ~/.cache/instab/scale-SHAPE-LN)")
     args = ap.parse_args()
     from instab_core import book
-    from instab_core.zoo import shapes
 
     root = book.repo_root()
     names = [n for n in book.experiments(root) if not args.only or n in args.only.split(",")]
@@ -172,18 +195,20 @@ def main() -> None:
         _write(md, table(record))
         print(f"wrote {md}")
         return
-    todo = [n for n in names if not (record["rows"].get(n, {}).get("ok") or record["rows"].get(n, {}).get("skipped"))]
+    todo = [n for n in names if not record["rows"].get(n, {}).get("ok")]
     print(f"{len(names) - len(todo)} notebooks already finished for {args.shape} -L {args.layers}; running {todo}")
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     work = Path(args.work or cache / "instab" / f"scale-{args.shape}-L{args.layers}")
-    model = work / "model"
-    if not (model / "shape.json").is_file():  # written last by shapes.build
-        shutil.rmtree(model, ignore_errors=True)  # a build interrupted before it finished
-        shapes.build(args.shape, model, layers=args.layers, progress=False)
+    model = ensure_model(args.shape, work / "model", args.layers)
+    gpt2 = work / f"model-{GPT2_SHAPE}"
     cfg = json.loads((model / "config.json").read_text())
     record.update(d=cfg.get("hidden_size"), vocab=cfg.get("vocab_size"), work=str(work))
     for name in todo:
-        r = run_one(name, str(model), work, args.timeout)
+        given = model_parameter(name, str(model), str(gpt2))
+        if given is not None and "gpt2_model" in given:
+            g = json.loads((ensure_model(GPT2_SHAPE, gpt2, args.layers) / "config.json").read_text())
+            record["gpt2"] = {"shape": GPT2_SHAPE, "layers": g["n_layer"], "d": g["n_embd"], "vocab": g["vocab_size"]}
+        r = run_one(name, given, work, args.timeout)
         print(f"{name:28} {'ok' if r['ok'] else 'FAILED'} {r['wall_s']:8.1f} s  peak RSS {r['peak_rss_mib']:8.0f} MiB"
               f"  {r['error'][:160]}", flush=True)
         record["rows"][name] = r
