@@ -12,7 +12,8 @@ import instab_core as ic
 from instab_core.zoo import shapes
 from randmodels import SESSION_SEED
 
-# Reduced sizes, same code path: every shape keeps its own family, tying, GQA ratio, rope and eps.
+# Reduced sizes (by the published field names), same code path: every shape keeps its own family, tying,
+# GQA ratio, rope and eps.
 SMALL = {
     "llama-3.2-1b": dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=1,
                          head_dim=16, vocab_size=2304),
@@ -22,7 +23,9 @@ SMALL = {
                          vocab_size=2200),
     "qwen2.5-7b": dict(hidden_size=56, intermediate_size=96, num_attention_heads=7, num_key_value_heads=1,
                        vocab_size=2056),
+    "gpt2-xl": dict(n_embd=80, n_head=5, n_positions=128, n_ctx=128, vocab_size=2090),
 }
+STANDARD = ("hidden_size", "num_attention_heads", "num_hidden_layers", "max_position_embeddings")  # GPT-2: n_*
 PROMPTS = ["The capital of France is", "Cats and dogs are animals; 12 + 7 = 19.", "Zürich — naïve café ✓"]
 
 
@@ -32,13 +35,19 @@ def test_full_config_is_the_published_one(name):
     raw = shapes.PUBLISHED[name]
     cfg = shapes._make_config(shapes.shape_config(name))
     assert shapes.architecture(cfg) == shapes.architecture(raw)
-    # A few fields read directly, independently of the normaliser.
-    for key in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "vocab_size",
-                "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings", "num_hidden_layers"):
-        assert getattr(cfg, key) == raw[key], key
-    assert cfg.rope_parameters["rope_theta"] == raw["rope_theta"]
-    for key, value in (raw.get("rope_scaling") or {}).items():
-        assert cfg.rope_parameters[key] == value, key
+    # Every published field read directly, independently of the normaliser (rope and the window below).
+    for key, value in raw.items():
+        if key not in (*shapes.NON_ARCHITECTURE, "rope_theta", "rope_scaling", "sliding_window"):
+            assert getattr(cfg, key) == value, key
+    for key in STANDARD:  # transformers' names, whatever the family publishes
+        assert getattr(cfg, key) == raw[shapes.field(raw, key)], key
+    assert cfg.tie_word_embeddings == raw.get("tie_word_embeddings", True)  # gpt2-xl: the default
+    if "rope_theta" in raw:
+        assert cfg.rope_parameters["rope_theta"] == raw["rope_theta"]
+        for key, value in (raw.get("rope_scaling") or {}).items():
+            assert cfg.rope_parameters[key] == value, key
+    else:
+        assert getattr(cfg, "rope_parameters", None) is None
     assert (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id) == (0, 1, 2)
 
 
@@ -48,26 +57,48 @@ def test_reduced_model_loads_and_matches(name, tmp_path):
     out = shapes.build(name, tmp_path / name, layers=layers, seed=SESSION_SEED, overrides=SMALL[name],
                        progress=False)
     h = ic.load_model(out)
-    expected = shapes.architecture({**shapes.PUBLISHED[name], **SMALL[name], "num_hidden_layers": layers})
+    raw = shapes.PUBLISHED[name]
+    layers_key = shapes.field(raw, "num_hidden_layers")
+    expected = shapes.architecture({**raw, **SMALL[name], layers_key: layers})
     assert shapes.architecture(h.model.config) == expected
-    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == layers
+    assert json.loads((out / "config.json").read_text())[layers_key] == layers
     cfg = h.model.config
-    hd = SMALL[name].get("head_dim", cfg.hidden_size // cfg.num_attention_heads)
-    attn = h.layers[0].self_attn
-    assert tuple(attn.q_proj.weight.shape) == (cfg.num_attention_heads * hd, cfg.hidden_size)
-    assert tuple(attn.k_proj.weight.shape) == (cfg.num_key_value_heads * hd, cfg.hidden_size)
-    assert (attn.q_proj.bias is not None) == (cfg.model_type == "qwen2")
-    assert h.n_layers == layers and h.d_model == cfg.hidden_size
+    d = cfg.hidden_size
+    if cfg.model_type == "gpt2":  # fused qkv, Conv1D weights stored (in, out), biases everywhere
+        block = h.layers[0]
+        assert tuple(block.attn.c_attn.weight.shape) == (d, 3 * d) and block.attn.c_attn.bias is not None
+        assert tuple(block.mlp.c_fc.weight.shape) == (d, cfg.n_inner or 4 * d)
+        assert (cfg.n_head, cfg.n_positions) == (SMALL[name]["n_head"], SMALL[name]["n_positions"])
+        assert cfg.layer_norm_epsilon == raw["layer_norm_epsilon"]
+    else:
+        hd = SMALL[name].get("head_dim", d // cfg.num_attention_heads)
+        attn = h.layers[0].self_attn
+        assert tuple(attn.q_proj.weight.shape) == (cfg.num_attention_heads * hd, d)
+        assert tuple(attn.k_proj.weight.shape) == (cfg.num_key_value_heads * hd, d)
+        assert (attn.q_proj.bias is not None) == (cfg.model_type == "qwen2")
+    assert h.n_layers == layers and h.d_model == d
     tied = h.unembed.weight.data_ptr() == h.embedding.weight.data_ptr()
-    assert tied == shapes.PUBLISHED[name]["tie_word_embeddings"]
+    assert tied == raw.get("tie_word_embeddings", True)
     assert h.dtype == torch.float32 and all(p.dtype == torch.float32 for p in h.model.parameters())
+    # Init: norm weights (RMSNorm, LayerNorm) 1, biases 0, weights N(0, 0.02²).
+    norms = [m for m in h.model.modules() if type(m).__name__.endswith("Norm")]
+    assert len(norms) == (2 * layers + 1) and all(torch.equal(m.weight, torch.ones_like(m.weight)) for m in norms)
+    biases = [p for n, p in h.model.named_parameters() if n.endswith(".bias")]
+    assert (len(biases) > 0) == (cfg.model_type != "llama") and all(not p.any() for p in biases)
+    assert h.embedding.weight.std().item() == pytest.approx(raw["initializer_range"], rel=0.05)
+    # Special-token ids: the bundled tokenizer's, the same in the tokenizer, the config and the generation config.
+    ids = (h.tokenizer.bos_token_id, h.tokenizer.eos_token_id, h.tokenizer.pad_token_id)
+    assert ids == (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id) == (0, 1, 2)
+    gen = h.model.generation_config
+    assert (gen.bos_token_id, gen.eos_token_id, gen.pad_token_id) == (0, 1, 2)
+    assert h.tokenizer.model_max_length == cfg.max_position_embeddings
     # Tokenizer: padded to the vocabulary, encoding identical to the bundled tokenizer, round trip.
     bundled = ic.load_model("tiny-llama").tokenizer
     assert len(h.tokenizer) == cfg.vocab_size
     for text in PROMPTS:
         ids = h.tokenizer(text)["input_ids"]
         assert ids[0] == 0 and max(ids) < cfg.vocab_size
-        if cfg.model_type == "llama":  # qwen2: Qwen2Tokenizer's own pre-tokenizer (see shapes' docstring)
+        if cfg.model_type != "qwen2":  # qwen2: Qwen2Tokenizer's own pre-tokenizer (see shapes' docstring)
             assert ids == bundled(text)["input_ids"]
         assert h.tokenizer.decode(ids, skip_special_tokens=True) == text
     last = cfg.vocab_size - 1
