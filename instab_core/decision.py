@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -42,7 +43,7 @@ import torch
 
 from . import fp
 from .numerics import batch_invariance_audit
-from .probe import Probe
+from .probe import Probe, run_until
 
 Method = Literal["root", "adam_geometric", "adam_direct"]
 METHODS: tuple[str, ...] = ("root", "adam_geometric", "adam_direct")
@@ -800,6 +801,7 @@ class GapGrid:
     G_lin: np.ndarray | None = None  # [na, nb] float64: G(x) + ∇G(x)·(X_ij − x), when computed
     gap_center: float = float("nan")
     audit: dict[str, Any] | None = None
+    path: dict[str, Any] | None = None  # how the rows were computed (gap_grid's fast routes; None when stored)
 
     @property
     def sign(self) -> np.ndarray:
@@ -823,6 +825,258 @@ class GapGrid:
                    batch_size=0, rows=0, chunks=0, chunk_rows=0, seconds=0.0, G_lin=z.get("G_lin"))
 
 
+# ---------------------------------------------------------------------------------------------
+# The grid's rows, fast: the prompt prefix computed once, the head restricted to a few column
+# blocks, each used only where it reproduces the plain rows (Probe.f_batch) bit for bit.
+
+
+def _family_eager(module: torch.nn.Module) -> Any:
+    """The eager attention function of ``module``'s modelling file (the default its forward passes)."""
+    import sys
+
+    fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if fn is None:
+        raise RuntimeError(f"{type(module).__name__}: no eager_attention_forward in {type(module).__module__}")
+    return fn
+
+
+def _full_shape_eager(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor | None, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+    """Eager attention for q < k new queries against k keys, computed in the full [k, k] shape.
+
+    The queries are placed in the last q of k rows (laid out as the full sequence lays them out; the other
+    rows are zeros with a zero mask and are dropped), so the score and value matmuls run in exactly the shapes
+    of the full-sequence forward: CPU ``bmm`` switches kernels for small matrices, and one query row alone is
+    not the same float computation as that row inside the [k, k] product.
+    """
+    eager = _family_eager(module)
+    q, k = query.shape[-2], key.shape[-2]
+    if q >= k:
+        return eager(module, query, key, value, attention_mask, *args, **kwargs)
+    n, heads, _, dh = query.shape
+    buf = query.new_zeros((n, k, heads, dh))
+    buf[:, k - q:] = query.transpose(1, 2)
+    mask = attention_mask
+    if attention_mask is not None:
+        mask = attention_mask.new_zeros((*attention_mask.shape[:-2], k, attention_mask.shape[-1]))
+        mask[..., k - q:, :] = attention_mask
+    out, w = eager(module, buf.transpose(1, 2), key, value, mask, *args, **kwargs)
+    return out[:, k - q:], (None if w is None else w[..., k - q:, :])
+
+
+class _full_shape_attention:
+    """Context: the "eager" attention of every model runs :func:`_full_shape_eager` (restored on exit)."""
+
+    def __enter__(self) -> "_full_shape_attention":
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS as A
+
+        if "eager" in A._local_mapping:
+            raise RuntimeError("another eager attention override is active")
+        A["eager"] = _full_shape_eager
+        self._A = A
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        del self._A["eager"]
+
+
+# Prefix keys/values per probe (the notebooks grid one probe several times): (key, E, kv).
+_PREFIX_KV: "weakref.WeakKeyDictionary[Probe, tuple]" = weakref.WeakKeyDictionary()
+
+
+class _GridRows:
+    """(hidden, logits) of fixed-shape batches of a logits probe, as :meth:`Probe.f_batch` computes them, and
+    two faster routes to the same bits, each switched on only after reproducing the plain batch bit for bit:
+
+    * **prefix** — the prompt tokens before the perturbed position are the same in every row. Their keys and
+      values are taken once from a full-sequence forward of the fixed batch shape (rows x0), and each batch runs
+      only the tokens from the position on against them (1 token per row instead of L when the position is the
+      last). Linear layers then run [b·(L−p), d] instead of [b·L, d] matmuls and attention runs in the full
+      [L, L] shape (:func:`_full_shape_eager`).
+    * **head** — only the lm_head column blocks holding t1 and t2 (and the reference's top 2) are computed
+      (``block`` columns each, [b, d] × [d, block]). The argmax over the whole vocabulary is certified per row:
+      for every other token k, fl(W_k·h) ≤ L_ref,k + ‖W_k‖ (‖h − h_ref‖ + γ_d (‖h‖ + ‖h_ref‖)) (Cauchy–Schwarz
+      and the worst-case dot-product error γ_d = d·u/(1 − d·u), any summation order), so if the best block
+      logit exceeds max L_ref,k + max ‖W_k‖ (…) the argmax lies in the blocks (and, blocks in increasing
+      column order, is the same first index). A batch with an uncertified row runs the plain path.
+
+    Verification: the first grid batch is run plain (its results are used) and by the candidate routes; a
+    route whose hidden states or block logits differ in any bit is not used. All later batches have the same
+    shapes, so they run the same kernels; floating-point kernels do not branch on the data.
+    """
+
+    def __init__(self, probe: Probe, x: torch.Tensor) -> None:
+        self.probe, self.h = probe, probe.handle
+        self.p, self.L, self.b = probe.position, int(probe.ids.shape[0]), probe.batch_size
+        self.plain_batches = 0
+        Hr, Lr = self.plain(probe.pad(x[None])[0][0])  # the reference f(x) in the fixed batch shape
+        self.ref, self.h_ref = Lr[0], Hr[0]
+        self.vocab = int(self.ref.shape[0])
+        self.prefix_reason = self.head_reason = "fast=False"
+        self._kv, self.cols, self.verified = None, None, True
+
+    def prepare(self, t1: int, t2: int, fast: bool, block: int) -> None:
+        """Choose the candidate routes for the pair (t1, t2); the first batch of :meth:`rows` verifies them."""
+        if not fast:
+            return
+        self.verified = False
+        top = self.ref.topk(min(2, self.vocab)).indices.tolist()
+        self.prefix_reason = self._prefix_candidate()
+        self.head_reason = self._head_candidate((t1, t2, *top), block)
+
+    # --- the plain rows -----------------------------------------------------------------------
+    def plain(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(final hidden [b, d], logits [b, V]) of one fixed-shape batch: the operations of Probe.f_batch."""
+        h = self.h
+        full = run_until(h, self.probe.embeds(X), h.final_norm)
+        H = full[:, self.p, :]
+        self.probe.rows_evaluated += X.shape[0]
+        self.plain_batches += 1
+        return H, h.logits(H)
+
+    # --- the prefix route ---------------------------------------------------------------------
+    def _prefix_candidate(self) -> str:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        if self.p == 0:
+            return "no prefix (position 0)"
+        if getattr(self.h.model.config, "_attn_implementation", None) != "eager":
+            return "attention is not eager"
+        if "eager" in ALL_ATTENTION_FUNCTIONS._local_mapping:
+            return "eager attention overridden"
+        key = (self.b, self.p, self.probe.x0.dtype)
+        kept = _PREFIX_KV.get(self.probe)
+        if kept is not None and kept[0] == key and torch.equal(fp.bit_pattern(kept[1]), fp.bit_pattern(self.probe.E)):
+            self._kv = kept[2]
+            return "candidate"
+        try:
+            out = self.h.base(inputs_embeds=self.probe.embeds(self.probe.x0.expand(self.b, -1)), use_cache=True)
+            layers = out.cache.layers
+            if any(layer.keys.shape[-2] != self.L for layer in layers):
+                return "the cache does not keep every position"
+            self._kv = [(layer.keys[:1, ..., :self.p, :].clone(), layer.values[:1, ..., :self.p, :].clone())
+                        for layer in layers]
+        except Exception as e:  # a family whose cache cannot be read this way: the plain rows
+            return f"no prefix cache ({type(e).__name__})"
+        _PREFIX_KV[self.probe] = (key, self.probe.E.clone(), self._kv)
+        return "candidate"
+
+    def _cache(self, n: int) -> Any:
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.h.model.config)
+        for i, (k, v) in enumerate(self._kv):
+            cache.update(k.expand(n, *k.shape[1:]), v.expand(n, *v.shape[1:]), i)
+        return cache
+
+    def prefix_hidden(self, X: torch.Tensor) -> torch.Tensor:
+        """Final hidden [b, d] at the position: tokens p..L−1 run against the prefix's keys and values."""
+        h, n, E = self.h, X.shape[0], self.probe.E
+        emb = torch.cat([X[:, None, :], E[self.p + 1:].expand(n, self.L - self.p - 1, -1)], dim=1)
+        with _full_shape_attention():
+            full = run_until(h, emb, h.final_norm, cache=self._cache(n), use_cache=True)
+        self.probe.rows_evaluated += n
+        return full[:, 0, :]
+
+    # --- the head route -----------------------------------------------------------------------
+    def _head_candidate(self, tokens: tuple[int, ...], block: int) -> str:
+        head, dt = self.h.unembed, self.probe.dtype
+        if self.h.adapter.head_transforms:
+            return "the head has post-head steps"
+        if type(head) is not torch.nn.Linear or head.bias is not None:
+            return "the head is not a bias-free Linear"
+        if dt not in (torch.float32, torch.float64):
+            return f"no error bound for {dt}"
+        if dt == torch.float32 and (torch.get_float32_matmul_precision() != "highest" or (
+                self.ref.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32)):
+            return "float32 matmuls run in reduced precision (TF32/bf16): no error bound"
+        u = torch.finfo(dt).eps / 2
+        d = self.probe.d
+        if d * u >= 0.5:
+            return "d·u too large for an error bound"
+        blocks = sorted({int(t) // block for t in tokens})
+        cols = [(c * block, min((c + 1) * block, self.vocab)) for c in blocks]
+        if sum(c1 - c0 for c0, c1 in cols) >= self.vocab:
+            return "the blocks cover the vocabulary"
+        self.cols = cols
+        self.idx = torch.cat([torch.arange(c0, c1) for c0, c1 in cols]).to(self.ref.device)
+        W = head.weight
+        inside = torch.zeros(self.vocab, dtype=torch.bool, device=W.device)
+        inside[self.idx] = True
+        self.gamma = d * u / (1 - d * u)
+        # ‖W_k‖ in the model's dtype (no float64 copy of the vocabulary), raised by more than its rounding error
+        norms = torch.linalg.vector_norm(W.detach(), dim=1)
+        self.m_out = float(self.ref.double()[~inside].max())
+        self.n_out = float(norms[~inside].max()) * (1 + 4 * self.gamma)
+        self.h_ref64 = self.h_ref.double()
+        self.h_ref_norm = float(self.h_ref64.norm())
+        return "candidate"
+
+    def head_blocks(self, H: torch.Tensor) -> torch.Tensor:
+        W = self.h.unembed.weight
+        return torch.cat([torch.nn.functional.linear(H, W[c0:c1]) for c0, c1 in self.cols], dim=1)
+
+    def certified(self, H: torch.Tensor, Lb: torch.Tensor) -> torch.Tensor:
+        """[b] bool: the row's argmax over the whole vocabulary is provably inside the blocks."""
+        H64 = H.double()
+        c = (H64 - self.h_ref64).norm(dim=1) + self.gamma * (H64.norm(dim=1) + self.h_ref_norm)
+        bound = self.m_out + self.n_out * c * (1 + 1e-9) + abs(self.m_out) * 1e-12
+        best = Lb.double().max(dim=1).values
+        return torch.isfinite(Lb).all(dim=1) & (best > bound)
+
+    # --- the rows -----------------------------------------------------------------------------
+    def rows(self, X: torch.Tensor, t1: int, t2: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(G = logit[t1] − logit[t2], argmax) for one fixed-shape batch X [b, d]."""
+        if not self.verified:
+            return self._verify(X, t1, t2)
+        use_prefix, use_head = self.prefix_reason == "used", self.head_reason == "used"
+        if not use_head:
+            L = self.h.logits(self.prefix_hidden(X)) if use_prefix else self.plain(X)[1]
+            return L[:, t1] - L[:, t2], L.argmax(dim=1)
+        H = self.prefix_hidden(X) if use_prefix else self.plain_hidden(X)
+        Lb = self.head_blocks(H)
+        if not bool(self.certified(H, Lb).all()):
+            L = self.plain(X)[1]
+            return L[:, t1] - L[:, t2], L.argmax(dim=1)
+        return Lb[:, self.pos[t1]] - Lb[:, self.pos[t2]], self.idx[Lb.argmax(dim=1)]
+
+    def plain_hidden(self, X: torch.Tensor) -> torch.Tensor:
+        h = self.h
+        self.probe.rows_evaluated += X.shape[0]
+        return run_until(h, self.probe.embeds(X), h.final_norm)[:, self.p, :]
+
+    def _verify(self, X: torch.Tensor, t1: int, t2: int) -> tuple[torch.Tensor, torch.Tensor]:
+        H, L = self.plain(X)
+        if self.prefix_reason == "candidate":
+            try:
+                Hp = self.prefix_hidden(X)
+                same = bool(fp.bits_equal(Hp, H).all())
+            except Exception as e:  # an attention or cache this route cannot drive: the plain rows
+                same, self.prefix_reason = False, f"failed ({type(e).__name__}: {e})"
+            if same:
+                self.prefix_reason = "used"
+            elif self.prefix_reason == "candidate":
+                self.prefix_reason = "not bitwise equal to the plain rows"
+        if self.head_reason == "candidate":
+            Hs = Hp if self.prefix_reason == "used" else H  # the hidden states later batches will feed the head
+            if bool(fp.bits_equal(self.head_blocks(Hs), L[:, self.idx]).all()):
+                self.head_reason = "used"
+                self.pos = {int(t): int((self.idx == t).nonzero()[0]) for t in (t1, t2)}
+            else:
+                self.head_reason = "not bitwise equal to the full head"
+        if self.prefix_reason == "used" and self.head_reason != "used" and \
+                not bool(fp.bits_equal(self.h.logits(Hp), L).all()):
+            self.prefix_reason = "the full head of the cached hidden states differs from the plain rows"
+        self.verified = True
+        return L[:, t1] - L[:, t2], L.argmax(dim=1)
+
+    def describe(self) -> dict[str, Any]:
+        return {"prefix": self.prefix_reason, "tokens_per_row": self.L - self.p if self.prefix_reason == "used"
+                else self.L, "head": self.head_reason,
+                "head_columns": sum(c1 - c0 for c0, c1 in self.cols) if self.head_reason == "used" else self.vocab,
+                "plain_batches": self.plain_batches}
+
+
 def _chunk_rows(probe: Probe, vocab: int, memory_bytes: int) -> int:
     item = torch.finfo(probe.dtype).bits // 8
     per_row = (probe.d * 3 + vocab * 2) * max(item, 4) + 64  # inputs + temporaries, logits + reductions
@@ -834,7 +1088,7 @@ def _chunk_rows(probe: Probe, vocab: int, memory_bytes: int) -> int:
 def gap_grid(probe: Probe, x: torch.Tensor, h1: torch.Tensor, h2: torch.Tensor, a: np.ndarray, b: np.ndarray,
              pair: tuple[int, int] | None = None, mode: GridMode = "fp32", linear: bool = False,
              memory_bytes: int = 256 * 2**20, max_result_bytes: int = 2 * 2**30, out_dir: str | Path | None = None,
-             audit: bool = True, progress: bool = False) -> GapGrid:
+             audit: bool = True, progress: bool = False, fast: bool = True, head_block: int = 256) -> GapGrid:
     """G over the grid X_ij = grid_inputs(x, h1, h2, a_i, b_j), in fixed-shape batches of ``probe.batch_size``.
 
     Rows are cell indices r = i·nb + j, generated chunk by chunk (at most ``memory_bytes`` of inputs and
@@ -843,6 +1097,12 @@ def gap_grid(probe: Probe, x: torch.Tensor, h1: torch.Tensor, h2: torch.Tensor, 
     otherwise a clear error is raised rather than running out of memory. ``pair`` defaults to the top-2 at x.
     ``linear``: also the first-order prediction G(x) + ∇G(x)·(X_ij − x) from the realised inputs (float64).
     The probe's batch must be position invariant (checked by the audit unless ``audit=False``).
+
+    ``fast`` (default): every cell is still the plain fixed-shape row (G and argmax bit for bit those of
+    ``probe.forward``), but computed with the prompt prefix run once and the lm_head restricted to
+    ``head_block``-column blocks around the pair, where the first batch shows that these routes reproduce the
+    plain rows bit for bit and the argmax is certified per row (see :class:`_GridRows`; ``GapGrid.path`` says
+    which routes ran and why). ``fast=False``: the plain rows only.
     """
     probe = logits_probe(probe)
     t_start = time.perf_counter()
@@ -882,12 +1142,16 @@ def gap_grid(probe: Probe, x: torch.Tensor, h1: torch.Tensor, h2: torch.Tensor, 
             raise RuntimeError(f"on {audit_result.device} a row's output depends on its position in the batch; grid "
                                "cells would not be well defined: use a probe with batch_size=1")
     rows_before = probe.rows_evaluated
-    ref = probe.forward(x[None])[0]
+    ev = _GridRows(probe, x)
+    ref = ev.ref
     vocab = int(ref.shape[0])
     t1, t2 = top2(ref) if pair is None else (int(pair[0]), int(pair[1]))
     if not (0 <= t1 < vocab and 0 <= t2 < vocab) or t1 == t2:
         raise ValueError(f"bad token pair {(t1, t2)} for a vocabulary of {vocab}")
+    if head_block < 1:
+        raise ValueError("head_block must be >= 1")
     gap_center = float(ref[t1] - ref[t2])
+    ev.prepare(t1, t2, fast, int(head_block))
     g = None
     if linear:
         g = gap_gradient(probe, x, t1, t2).double()
@@ -914,9 +1178,13 @@ def gap_grid(probe: Probe, x: torch.Tensor, h1: torch.Tensor, h2: torch.Tensor, 
     for s in starts:
         r = torch.arange(s, min(s + chunk, cells), device=dev)
         X = grid_inputs(x, H[0], H[1], av[r // nb], bv[r % nb], mode)
-        L = probe.forward(X)
-        Gf[s:s + r.numel()] = (L[:, t1] - L[:, t2]).to(torch.float64 if dt == torch.float64 else torch.float32).cpu().numpy()
-        topf[s:s + r.numel()] = L.argmax(dim=1).to(torch.int32).cpu().numpy()
+        gaps, tops = [], []
+        for Xb, k in probe.pad(X):  # fixed-shape batches of probe.batch_size rows, the last padded with x0
+            gb, tb = ev.rows(Xb, t1, t2)
+            gaps.append(gb[:k])
+            tops.append(tb[:k])
+        Gf[s:s + r.numel()] = torch.cat(gaps).to(torch.float64 if dt == torch.float64 else torch.float32).cpu().numpy()
+        topf[s:s + r.numel()] = torch.cat(tops).to(torch.int32).cpu().numpy()
         hh = _row_hash(X, salt).cpu().numpy()
         hf["h0"][s:s + r.numel()] = hh[:, 0]
         hf["h1"][s:s + r.numel()] = hh[:, 1]
@@ -935,7 +1203,7 @@ def gap_grid(probe: Probe, x: torch.Tensor, h1: torch.Tensor, h2: torch.Tensor, 
                    x=to_numpy(x), h1=to_numpy(H[0]), h2=to_numpy(H[1]), pair=(t1, t2), mode=mode,
                    batch_size=probe.batch_size, rows=probe.rows_evaluated - rows_before, chunks=n_chunks,
                    chunk_rows=chunk, seconds=time.perf_counter() - t_start, G_lin=G_lin, gap_center=gap_center,
-                   audit=audit_result.as_dict() if audit_result else None)
+                   audit=audit_result.as_dict() if audit_result else None, path=ev.describe())
 
 
 def crop(grid: GapGrid, a_range: tuple[float, float], b_range: tuple[float, float]) -> GapGrid:

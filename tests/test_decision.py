@@ -278,6 +278,124 @@ def test_grid_is_chunked_and_spills_to_disk(probe, tie, tmp_path):
     np.testing.assert_array_equal(np.asarray(disk.state), big.state)
 
 
+# --- the grid's fast rows (prefix run once, lm_head blocks) against the plain rows ------------------
+
+
+def _grids_equal(fast, plain):
+    np.testing.assert_array_equal(np.asarray(fast.G).view(np.int32), np.asarray(plain.G).view(np.int32))
+    np.testing.assert_array_equal(fast.top, plain.top)
+    np.testing.assert_array_equal(fast.state, plain.state)
+    assert fast.n_states == plain.n_states and fast.gap_center == plain.gap_center
+    if plain.G_lin is not None:
+        np.testing.assert_array_equal(fast.G_lin, plain.G_lin)
+
+
+@pytest.mark.parametrize("position", [-1, 9, 0])
+@pytest.mark.parametrize("scale", [1e-6, 3e-1])
+def test_grid_fast_rows_equal_the_plain_rows(handle, position, scale):
+    """The default (fast) grid equals fast=False bit for bit, and each cell equals the cell alone through
+    probe.forward; on the CPU the prefix route (all but position 0) and the head route (32-column blocks of a
+    98-token vocabulary) must actually run. scale 3e-1 moves the argmax off the pair: uncertified batches."""
+    probe = ic.Probe(handle, PROMPT, position=position, target="logits", batch_size=8)
+    x = probe.x0 + torch.from_numpy(RNG.standard_normal(probe.d).astype(np.float32)) * 1e-3
+    h1, h2 = (torch.from_numpy(v) for v in _directions(probe))
+    a = dc.grid_axis(-scale, scale, n=int(RNG.integers(5, 12)))
+    b = dc.grid_axis(-scale / 2, scale, n=int(RNG.integers(5, 12)))
+    t1, t2 = dc.top2(probe.forward(x[None])[0])
+    fast = dc.gap_grid(probe, x, h1, h2, a, b, pair=(t1, t2), linear=True, head_block=32)
+    plain = dc.gap_grid(probe, x, h1, h2, a, b, pair=(t1, t2), linear=True, fast=False)
+    _grids_equal(fast, plain)
+    assert plain.path["prefix"] == plain.path["head"] == "fast=False"
+    if probe.x0.device.type == "cpu":
+        assert fast.path["prefix"] == ("used" if probe.position > 0 else "no prefix (position 0)")
+        assert fast.path["head"] == "used" and fast.path["head_columns"] < 98
+        assert fast.path["tokens_per_row"] == len(probe.ids) - probe.position if probe.position else len(probe.ids)
+    X = _numpy_inputs(x.numpy(), h1.numpy(), h2.numpy(), a, b, "fp32")
+    for r in RNG.choice(X.shape[0], size=6, replace=False):
+        i, j = divmod(int(r), len(b))
+        one = probe.forward(torch.from_numpy(X[r])[None])[0]
+        assert np.float32(one[t1] - one[t2]) == fast.G[i, j] and int(one.argmax()) == fast.top[i, j]
+    outside = ~np.isin(plain.top, np.concatenate([np.arange(c * 32, c * 32 + 32) for c in {t1 // 32, t2 // 32}]))
+    if outside.any() and fast.path["head"] == "used":  # argmax off the pair's blocks: those batches ran plain
+        assert fast.path["plain_batches"] > 2
+
+
+def test_grid_fast_rows_with_a_pair_that_is_not_the_top(probe, tie):
+    """A pair below the reference's top 2 (its blocks are added to the pair's): still the plain rows."""
+    ref = probe.forward(tie.x[None])[0]
+    order = ref.argsort(descending=True).tolist()
+    pair = (order[5], order[40])
+    h1, h2 = (torch.from_numpy(v) for v in _directions(probe))
+    a = dc.grid_axis(-1e-2, 1e-2, n=9)
+    fast = dc.gap_grid(probe, tie.x, h1, h2, a, a, pair=pair, head_block=4)
+    _grids_equal(fast, dc.gap_grid(probe, tie.x, h1, h2, a, a, pair=pair, fast=False))
+
+
+def test_grid_fast_routes_that_differ_are_not_used(probe, tie, monkeypatch):
+    """A route that changes one bit of the first batch is rejected there; the grid stays the plain rows, and the
+    eager attention override never outlives a call."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    h1, h2 = (torch.from_numpy(v) for v in _directions(probe))
+    a = dc.grid_axis(-1e-6, 1e-6, n=7)
+    plain = dc.gap_grid(probe, tie.x, h1, h2, a, a, fast=False)
+    real_prefix, real_head = dc._GridRows.prefix_hidden, dc._GridRows.head_blocks
+
+    def nudged(f):
+        def g(self, H):
+            out = f(self, H).clone()
+            out.view(torch.int32)[-1, 0] ^= 1  # one ULP in one entry of the last row
+            return out
+        return g
+
+    monkeypatch.setattr(dc._GridRows, "prefix_hidden", nudged(real_prefix))
+    g = dc.gap_grid(probe, tie.x, h1, h2, a, a, head_block=4)
+    assert g.path["prefix"] == "not bitwise equal to the plain rows" and g.path["tokens_per_row"] == len(probe.ids)
+    _grids_equal(g, plain)
+    monkeypatch.setattr(dc._GridRows, "prefix_hidden", real_prefix)
+    monkeypatch.setattr(dc._GridRows, "head_blocks", nudged(real_head))
+    g = dc.gap_grid(probe, tie.x, h1, h2, a, a, head_block=4)
+    assert g.path["head"] == "not bitwise equal to the full head" and g.path["head_columns"] == probe.reference.shape[0]
+    _grids_equal(g, plain)
+    assert "eager" not in ALL_ATTENTION_FUNCTIONS._local_mapping
+
+
+def test_grid_head_certificate_bounds_every_other_logit(probe, tie):
+    """The certificate's bound is above every logit outside the blocks on fresh hidden states near h_ref."""
+    ev = dc._GridRows(probe, tie.x)
+    t1, t2 = dc.top2(ev.ref)
+    ev.prepare(t1, t2, True, 4)
+    assert ev.head_reason == "candidate"
+    for scale in (1e-6, 1e-3, 1e-1):
+        X = tie.x + scale * torch.from_numpy(RNG.standard_normal((probe.batch_size, probe.d)).astype(np.float32))
+        H, L = ev.plain(X)
+        Lb = ev.head_blocks(H)
+        H64 = H.double()
+        c = (H64 - ev.h_ref64).norm(dim=1) + ev.gamma * (H64.norm(dim=1) + ev.h_ref_norm)
+        bound = ev.m_out + ev.n_out * c
+        outside = torch.ones(ev.vocab, dtype=torch.bool)
+        outside[ev.idx] = False
+        assert bool((L[:, outside].double().max(dim=1).values <= bound).all())
+        ok = ev.certified(H, Lb)
+        np.testing.assert_array_equal(ev.idx[Lb.argmax(dim=1)][ok].numpy(), L.argmax(dim=1)[ok].numpy())
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma2", "gemma3_text", "gpt_neox", "phi", "falcon", "granite",
+                                    "mixtral"])
+def test_grid_fast_rows_equal_the_plain_rows_in_other_families(family, tmp_path):
+    """Whatever route each family allows (softcapped or scaled heads keep the full head), the plain rows."""
+    from randmodels import family_model_dir
+
+    h = ic.load_model(family_model_dir(tmp_path / family, family))
+    probe = ic.Probe(h, PROMPT, target="logits", batch_size=8)
+    x = probe.x0.clone()
+    h1, h2 = (torch.from_numpy(v) for v in _directions(probe))
+    a = dc.grid_axis(-1e-3, 1e-3, n=7)
+    fast = dc.gap_grid(probe, x, h1, h2, a, a, head_block=64)
+    _grids_equal(fast, dc.gap_grid(probe, x, h1, h2, a, a, fast=False))
+    assert set(fast.path) == {"prefix", "tokens_per_row", "head", "head_columns", "plain_batches"}
+
+
 def test_grid_rejects_bad_input(probe, tie):
     h1 = torch.from_numpy(_directions(probe, 1)[0])
     a = dc.grid_axis(-1e-6, 1e-6, n=3)
