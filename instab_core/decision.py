@@ -925,14 +925,16 @@ class _GridRows:
         self.head_reason = self._head_candidate((t1, t2, *top), block)
 
     # --- the plain rows -----------------------------------------------------------------------
-    def plain(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(final hidden [b, d], logits [b, V]) of one fixed-shape batch: the operations of Probe.f_batch."""
-        h = self.h
-        full = run_until(h, self.probe.embeds(X), h.final_norm)
-        H = full[:, self.p, :]
+    def plain_hidden(self, X: torch.Tensor) -> torch.Tensor:
+        """Final hidden [b, d] at the position of one fixed-shape batch: the operations of Probe.f_batch."""
         self.probe.rows_evaluated += X.shape[0]
+        return run_until(self.h, self.probe.embeds(X), self.h.final_norm)[:, self.p, :]
+
+    def plain(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(final hidden [b, d], logits [b, V]) of one fixed-shape batch, as Probe.f_batch."""
+        H = self.plain_hidden(X)
         self.plain_batches += 1
-        return H, h.logits(H)
+        return H, self.h.logits(H)
 
     # --- the prefix route ---------------------------------------------------------------------
     def _prefix_candidate(self) -> str:
@@ -1039,11 +1041,6 @@ class _GridRows:
             L = self.plain(X)[1]
             return L[:, t1] - L[:, t2], L.argmax(dim=1)
         return Lb[:, self.pos[t1]] - Lb[:, self.pos[t2]], self.idx[Lb.argmax(dim=1)]
-
-    def plain_hidden(self, X: torch.Tensor) -> torch.Tensor:
-        h = self.h
-        self.probe.rows_evaluated += X.shape[0]
-        return run_until(h, self.probe.embeds(X), h.final_norm)[:, self.p, :]
 
     def _verify(self, X: torch.Tensor, t1: int, t2: int) -> tuple[torch.Tensor, torch.Tensor]:
         H, L = self.plain(X)

@@ -190,7 +190,7 @@ def test_top_logit_ids_chunked_equals_a_stable_full_argsort(ties):
 
 
 @pytest.mark.parametrize("use_cache", [True, False])
-def test_every_forward_unembeds_only_its_last_position(handle, tmp_path, use_cache):
+def test_every_forward_unembeds_only_its_last_position(handle, tmp_path, use_cache, monkeypatch):
     """The prompt forward and every uncached re-run unembed one position, not the whole sequence: the stored logits
     are bitwise the unembedding of the stored final-norm state alone, equal (to float32 rounding) to the plain
     whole-sequence forward's logits at that position, and every hidden state is bitwise the one computed with
@@ -216,13 +216,10 @@ def test_every_forward_unembeds_only_its_last_position(handle, tmp_path, use_cac
     assert torch.equal(torch.from_numpy(t.arrays["topk_logits"]), top.values)
     assert t.tokens.tolist() == logits.argmax(1).tolist()
     # the previous kernel, every position unembedded: the same states bit for bit
-    orig = tr.last_logits_kwargs
-    tr.last_logits_kwargs = lambda h: {}
-    try:
+    with monkeypatch.context() as m:
+        m.setattr(tr, "last_logits_kwargs", lambda h: {})
         full = tr.capture(handle, PROMPT, tmp_path / "full", steps=7, stages="residual", use_cache=use_cache,
                           stop_at_eos=False, progress=False)
-    finally:
-        tr.last_logits_kwargs = orig
     mine = tr.capture(handle, PROMPT, tmp_path / "mine", steps=7, stages="residual", use_cache=use_cache,
                       stop_at_eos=False, progress=False)
     comp = tr.compare(full, mine)
