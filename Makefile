@@ -47,8 +47,10 @@ bench: setup
 	$(BIN)/python benchmarks/bench_scale_costs.py
 	$(BIN)/python benchmarks/bench_campaign.py
 
-# Every notebook with its default parameters on llama-3.2-1b -L 2 (d=2048, V=128256), built locally: benchmarks/scale.md
+# The cost model at d = 128/512/2048, then every notebook with its default parameters on llama-3.2-1b -L 2 (d=2048,
+# V=128256), built locally: benchmarks/scale.md (both resume where an interrupted run stopped)
 bench-scale: setup
+	$(BIN)/python benchmarks/bench_scale_costs.py --record benchmarks/scale_costs.json
 	$(BIN)/python benchmarks/scale.py
 
 clean-book:

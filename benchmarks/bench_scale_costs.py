@@ -1,6 +1,7 @@
 """Cost model: how each size-dependent kernel and the seed's method for it grow with width and vocabulary.
 
     python benchmarks/bench_scale_costs.py [--sizes 128,512,2048] [--layers 2] [--only jacobian,boundary,...]
+                                           [--record benchmarks/scale_costs.json [--fresh]]
 
 Three random-weight Llama shapes built by ``instab_core.zoo.shapes`` (the llama-3.2-1b code path) into a
 temporary folder, ``--layers`` decoder layers each: d=128 / V=2048, d=512 / V=32000, and the exact
@@ -25,7 +26,10 @@ differences: 2 projections). Everything else is measured in full. Kernels (seed'
 * fisher — exact matrix-free Lanczos over the full vocabulary [the seed's unembedding-only top-200 dense eigh];
 * linearity — one parameter-space JVP per direction [one per (direction, radius)], scope last_blocks:1.
 
-Random weights make costs real, not the science: the numbers here are times and memory only.
+Random weights make costs real, not the science: the numbers here are times and memory only. The table is
+printed as markdown; with ``--record`` every measurement is kept in a JSON file (rewritten after each kernel), a
+later run measures only the (kernel, size) pairs missing from it, and ``benchmarks/scale.py`` puts the table at the
+end of ``benchmarks/scale.md`` (``make bench-scale`` runs both).
 
 Run time: 26 min on a shared, loaded 2-core machine at one thread with 2 seed rays and 4 coordinates (the
 defaults are now 1 and 2), most of it the seed's methods at d=2048 (bisection + ULP walk ~100 s a ray, central
@@ -36,6 +40,9 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
+import os
+import platform
 import sys
 import tempfile
 import time
@@ -92,7 +99,9 @@ class Row:
         self.sec, self.mb, self.extrapolated, self.note = sec, mb, extrapolated, note
 
     def cell(self) -> str:
-        return f"{'~' if self.extrapolated else ''}{self.sec:.3g}s/{self.mb:.0f}MB"
+        if self.extrapolated:
+            return f"~{self.sec:.3g} s / {self.mb:.0f} MB ({self.note})"
+        return f"{self.sec:.3g} s / {self.mb:.0f} MB"
 
 
 def extrapolated(fn: Callable[[int], Any], units: int, total: int) -> Row:
@@ -260,6 +269,42 @@ FUNCS: dict[str, Callable[[ic.ModelHandle], dict[str, Row]]] = {
 }
 
 
+def markdown(record: dict) -> str:
+    """The cost table of a record: every kernel's methods at each size, then seed ÷ instab and its growth."""
+    sizes = sorted({int(d) for rows in record["rows"].values() for d in rows})
+    vocab = record.get("vocab", {})
+    head = [f"d={d} / V={vocab.get(str(d), '?')}" for d in sizes]
+    lines = ["## Cost model: each size-dependent kernel against the seed's method", "",
+             f"Written by `benchmarks/bench_scale_costs.py --record` (`make bench-scale` runs it first). Random Llama "
+             f"shapes with {record['layers']} decoder layers; {record['machine']}; {record['threads']} torch thread(s). "
+             "Each cell: wall seconds / peak MB above the resident model; `~` = extrapolated linearly from a measured "
+             "part (the units measured in brackets). The ratio rows: the seed's method ÷ instab's (the "
+             "first method of the kernel) at each size, and how it grows from the smallest to the largest size.", "",
+             "| kernel | method | " + " | ".join(head) + " | growth |", "|---|---|" + "---|" * (len(sizes) + 1)]
+    for k, by_size in record["rows"].items():
+        methods = list(dict.fromkeys(m for d in sizes for m in by_size.get(str(d), {})))
+        for m in methods:
+            cells = [Row(**by_size[str(d)][m]).cell() if m in by_size.get(str(d), {}) else "failed" for d in sizes]
+            lines.append(f"| {k} | {m} | " + " | ".join(cells) + " | |")
+        for m in methods[1:]:
+            ratios = [by_size[str(d)][m]["sec"] / by_size[str(d)][methods[0]]["sec"]
+                      if m in by_size.get(str(d), {}) and methods[0] in by_size.get(str(d), {}) else float("nan")
+                      for d in sizes]
+            growth = f"{ratios[-1] / ratios[0]:.2f}×" if len(ratios) > 1 and ratios[0] > 0 else "–"
+            lines.append(f"| {k} | ratio: {m} ÷ {methods[0]} | " + " | ".join(f"{r:.3g}×" for r in ratios)
+                         + f" | {growth} |")
+    errors = record.get("errors", {})
+    if errors:
+        lines += ["", "Failed (re-run to retry):", *[f"- {k}: {e}" for k, e in errors.items()]]
+    return "\n".join(lines) + "\n"
+
+
+def _save(path: Path, record: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, path)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="128,512,2048")
@@ -267,6 +312,9 @@ def main() -> None:
     ap.add_argument("--only", default=",".join(KERNELS))
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1: on a shared 2-core machine 2 threads made small forwards 6-15x slower)")
+    ap.add_argument("--record", default="", help="JSON file of measurements, rewritten after every kernel; a later "
+                    "run measures only the (kernel, size) pairs it lacks (scale.py puts its table in scale.md)")
+    ap.add_argument("--fresh", action="store_true", help="with --record: forget what it holds and measure all")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -274,47 +322,44 @@ def main() -> None:
     bad = [k for k in kernels if k not in FUNCS] + [s for s in sizes if s not in SIZES]
     if bad:
         raise SystemExit(f"unknown kernel or size {bad}; kernels {list(FUNCS)}, sizes {list(SIZES)}")
+    store = Path(args.record) if args.record else None
+    machine = f"{platform.machine()}, {os.cpu_count()} CPUs"
+    fresh = {"layers": args.layers, "threads": args.threads, "machine": machine, "rows": {}, "vocab": {}, "errors": {}}
+    record = json.loads(store.read_text()) if store and store.is_file() and not args.fresh else fresh
+    if (record.get("layers"), record.get("threads"), record.get("machine")) != (args.layers, args.threads, machine):
+        record = fresh  # measurements of another setting are not comparable with the ones to come
     torch.manual_seed(0)
-    table: dict[str, dict[int, dict[str, Row]]] = {k: {} for k in kernels}
-    errors: list[str] = []
     t_all = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="instab-costs-") as tmp:
         for d in sizes:
+            todo = [k for k in kernels if str(d) not in record["rows"].get(k, {})]
+            if not todo:
+                continue
             path = shapes.build("llama-3.2-1b", Path(tmp) / f"d{d}", layers=args.layers, overrides=SIZES[d] or None,
                                 progress=False)
             h = ic.load_model(path)
-            V = h.unembed.weight.shape[0]
-            print(f"\n== d={d}, V={V}, {h.n_layers} layers ({ic.models.device_name(h.device)})", flush=True)
+            record["vocab"][str(d)] = h.unembed.weight.shape[0]
+            print(f"\n== d={d}, V={record['vocab'][str(d)]}, {h.n_layers} layers ({ic.models.device_name(h.device)})",
+                  flush=True)
             gc.collect()
-            for k in kernels:
+            for k in todo:
                 t = time.perf_counter()
                 try:
-                    table[k][d] = FUNCS[k](h)
-                except Exception as exc:  # reported, never hidden: the row says the kernel failed at this size
-                    errors.append(f"{k} at d={d}: {type(exc).__name__}: {exc}")
+                    rows = FUNCS[k](h)
+                except Exception as exc:  # reported, never hidden: the table says the kernel failed at this size
+                    record["errors"][f"{k} at d={d}"] = f"{type(exc).__name__}: {exc}"
                     traceback.print_exc()
-                    continue
-                cells = "; ".join(f"{m} {r.cell()}" for m, r in table[k][d].items())
-                print(f"  {k:10} ({time.perf_counter() - t:.1f} s) {cells}", flush=True)
+                else:
+                    record["errors"].pop(f"{k} at d={d}", None)
+                    record["rows"].setdefault(k, {})[str(d)] = {m: vars(r) for m, r in rows.items()}
+                    print(f"  {k:10} ({time.perf_counter() - t:.1f} s) "
+                          + "; ".join(f"{m} {r.cell()}" for m, r in rows.items()), flush=True)
+                if store:
+                    _save(store, record)
             del h
             gc.collect()
-    print(f"\n== cost table (seconds / peak MB above the model; ~ = extrapolated from a measured part), "
-          f"total run {time.perf_counter() - t_all:.0f} s")
-    head = "".join(f"{f'd={d}':>22}" for d in sizes)
-    for k in kernels:
-        print(f"\n{k}{'':43}{head}")
-        methods = list(next(iter(table[k].values())).keys()) if table[k] else []
-        for m in methods:
-            cells = "".join(f"{table[k][d][m].cell() if d in table[k] else 'failed':>22}" for d in sizes)
-            print(f"  {m:46}{cells}")
-        ours = methods[0] if methods else None
-        for m in methods[1:]:
-            ratios = [table[k][d][m].sec / table[k][d][ours].sec if d in table[k] else float("nan") for d in sizes]
-            cells = "".join(f"{r:>21.3g}x" for r in ratios)
-            growth = ratios[-1] / ratios[0] if len(ratios) > 1 and ratios[0] > 0 else float("nan")
-            print(f"  {'÷ ' + ours + ' (' + m + ')':46.46}{cells}   grows {growth:.2f}x from d={sizes[0]} to d={sizes[-1]}")
-    if errors:
-        print("\nfailed:\n  " + "\n  ".join(errors))
+    print(f"\n(measured in {time.perf_counter() - t_all:.0f} s)\n")
+    print(markdown(record))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,12 @@ Hours on a 2-core CPU, so nothing is lost: after every notebook the record ``ben
 same shape (``--fresh`` starts over; a failed, timed-out or skipped notebook is retried). Cheap notebooks run first.
 The models (``model/``, ``model-gpt2-xl/``) and the runs' results live in ``--work`` (default
 ``~/.cache/instab/scale-SHAPE-LLAYERS``, outside the checkout), so a resumed run reuses the models and exp15 finds the
-exp12/exp13 runs it reads.
+exp12/exp13 runs it reads; where the work folder lacks the run a notebook reads (exp07: exp06; exp15: exp12, exp13),
+that upstream notebook runs again first.
+
+The table ends with the cost model of ``benchmarks/bench_scale_costs.py`` (each size-dependent kernel against the
+seed's method at d = 128, 512, 2048), read from ``benchmarks/scale_costs.json``, which ``make bench-scale`` writes
+first (also resumable: only the kernels and sizes it lacks are measured).
 """
 
 from __future__ import annotations
@@ -32,8 +37,11 @@ from pathlib import Path
 from typing import Callable
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # bench_scale_costs renders the cost table
 # Run last, most expensive last (measured or estimated at d=2048 on 2 cores): a partial run still covers the rest.
-LAST = ["fisher", "exp06", "exp07", "exp04", "exp08", "levelsets", "exp13", "exp15"]  # exp07 reads an exp06 run, exp15 the exp12 and exp13 runs
+LAST = ["fisher", "exp06", "exp07", "exp04", "exp08", "levelsets", "exp13", "exp15"]
+# The notebooks whose runs another notebook reads ("latest" for this model in the work folder's results).
+UPSTREAM = {"exp07": ["exp06"], "exp15": ["exp12", "exp13"]}
 GPT2_SHAPE = "gpt2-xl"  # for the notebooks that take a GPT-2 family model (gpt2_model)
 
 
@@ -64,6 +72,24 @@ def ensure_model(shape: str, path: Path, layers: int) -> Path:
         shutil.rmtree(path, ignore_errors=True)
         shapes.build(shape, path, layers=layers, progress=False)
     return path
+
+
+def has_run(work: Path, name: str) -> bool:
+    """Whether the work folder holds a finished run of ``name`` (one that a downstream notebook can read)."""
+    from instab_core.results import PARTIAL
+
+    folder = work / "results" / name
+    return folder.is_dir() and any((p / "manifest.json").is_file() for p in folder.iterdir()
+                                   if p.is_dir() and not p.name.endswith(PARTIAL))
+
+
+def to_run(names: list[str], rows: dict, work: Path) -> list[str]:
+    """The notebooks of ``names`` not yet finished, plus every upstream notebook a downstream one of them reads
+    whose run is not in ``work`` (a fresh work folder: finished in the record, but its results are gone), in the
+    order of ``names``."""
+    todo = {n for n in names if not rows.get(n, {}).get("ok")}
+    todo |= {u for n in todo for u in UPSTREAM.get(n, []) if not has_run(work, u)}
+    return [n for n in names if n in todo]
 
 
 def run_one(name: str, given: dict | None, tmp: Path, timeout: int) -> dict:
@@ -129,7 +155,8 @@ def seed_cost(name: str, wall: float, d: int) -> str:
     if not changed:
         return f"{wall:.0f} s (the seed's sizes are the defaults)"
     if name not in UNITS:
-        return "not extrapolated (" + ", ".join(f"{k}={v!r}" for k, v in changed.items()) + ")"
+        return "not extrapolated: it sets " + ", ".join(f"{k}={v!r}" for k, v in changed.items()) + \
+            ", not a work unit of this run"
     label, unit = UNITS[name]
     ratio = unit({**default, **seed}, d) / unit(default, d)
     return f"≈ {wall * ratio:.0f} s ({ratio:.3g} × the {label})"
@@ -139,6 +166,19 @@ def _write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def annotate(record: dict) -> dict:
+    """Each finished row also says which model it ran on and what the seed profile costs at this width (the book's
+    pages quote both from scale.json, see ``instab_core.book.real_width_note``)."""
+    main = f"{record['shape']} -L {record['layers']} (d = {record.get('d', '?')}, vocabulary {record.get('vocab', '?')})"
+    g = record.get("gpt2")
+    gpt2 = f"{g['shape']} -L {g['layers']} (d = {g['d']}, vocabulary {g['vocab']})" if g else "?"
+    for name, r in record["rows"].items():
+        if r["ok"]:
+            r["model"] = gpt2 if "gpt2_model" in (model_parameter(name, "", "") or {}) else main
+            r["seed_cost"] = seed_cost(name, r["wall_s"], int(record.get("d") or 0))
+    return record
 
 
 def table(record: dict) -> str:
@@ -161,10 +201,17 @@ def table(record: dict) -> str:
         if r is None:
             lines.append(f"| {name} | not yet run | | | | | |")
         else:
-            seed = seed_cost(name, r["wall_s"], int(record.get("d") or 0)) if r["ok"] else ""
+            seed = r.get("seed_cost", "") if r["ok"] else ""
             ok = "yes" if r["ok"] else "skipped" if r.get("skipped") else "**no**"
             lines.append(f"| {name} | {ok} | {r['wall_s']:.1f} | {r['peak_rss_mib']:.0f} | "
                          f"{seed} | {r['finished']} | {r['error']} |")
+    costs = HERE / "scale_costs.json"  # bench_scale_costs.py --record, which make bench-scale runs first
+    if costs.is_file():
+        from bench_scale_costs import markdown
+
+        lines += ["", markdown(json.loads(costs.read_text()))]
+    else:
+        lines += ["", "(No cost table yet: `python benchmarks/bench_scale_costs.py --record benchmarks/scale_costs.json`.)"]
     return "\n".join(lines) + "\n"
 
 
@@ -182,8 +229,9 @@ def main() -> None:
     from instab_core import book
 
     root = book.repo_root()
-    names = [n for n in book.experiments(root) if not args.only or n in args.only.split(",")]
-    names = [n for n in names if n not in LAST] + [n for n in LAST if n in names]
+    order = [n for n in book.experiments(root) if n not in LAST] + [n for n in LAST if n in book.experiments(root)]
+    wanted = set(args.only.split(",") if args.only else order)
+    names = [n for n in order if n in wanted | {u for n in wanted for u in UPSTREAM.get(n, [])}]
     md = Path(args.md)
     store = md.with_suffix(".json")
     record = json.loads(store.read_text()) if store.is_file() and not args.fresh else {}
@@ -192,13 +240,14 @@ def main() -> None:
     record["notebooks"] = list(dict.fromkeys([*record.get("notebooks", []), *names]))
     record["machine"] = f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.processor() or platform.node()}"
     if args.table_only:
+        _write(store, json.dumps(annotate(record), indent=1))
         _write(md, table(record))
         print(f"wrote {md}")
         return
-    todo = [n for n in names if not record["rows"].get(n, {}).get("ok")]
-    print(f"{len(names) - len(todo)} notebooks already finished for {args.shape} -L {args.layers}; running {todo}")
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     work = Path(args.work or cache / "instab" / f"scale-{args.shape}-L{args.layers}")
+    todo = to_run(names, record["rows"], work)
+    print(f"{args.shape} -L {args.layers}: running {todo}; already finished: {[n for n in names if n not in todo]}")
     model = ensure_model(args.shape, work / "model", args.layers)
     gpt2 = work / f"model-{GPT2_SHAPE}"
     cfg = json.loads((model / "config.json").read_text())
@@ -212,7 +261,7 @@ def main() -> None:
         print(f"{name:28} {'ok' if r['ok'] else 'FAILED'} {r['wall_s']:8.1f} s  peak RSS {r['peak_rss_mib']:8.0f} MiB"
               f"  {r['error'][:160]}", flush=True)
         record["rows"][name] = r
-        _write(store, json.dumps(record, indent=1))
+        _write(store, json.dumps(annotate(record), indent=1))
         _write(md, table(record))
     print(f"wrote {md}")
 

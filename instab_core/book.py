@@ -288,13 +288,28 @@ def _stamp(executed: Path, profile: str, parameters: dict, seconds: float, recor
     given = ", ".join(f"`{k}={v!r}`" for k, v in parameters.items()) or "none"
     what = {"default": "its default parameters", "smoke": "the `smoke` profile (small test settings)",
             "seed": "the `seed` profile (the seed's own sizes)"}.get(profile, f"the `{profile}` profile")
+    key = _key(executed.name.lstrip('.'))
     cell = nbformat.v4.new_markdown_cell(f"*This page ran with {what}; parameters set: {given}. "
-                                         f"`instab params {_key(executed.name.lstrip('.'))}` lists every parameter "
-                                         "and profile.*")
+                                         f"`instab params {key}` lists every parameter and profile."
+                                         f"{real_width_note(key, root)}*")
     cell.metadata["tags"] = ["instab-profile"]
     nb.cells.insert(1 if nb.cells and nb.cells[0].cell_type == "markdown" else 0, cell)
     nb.cells.append(provenance_cell(runs, profile, seconds, root))
     nbformat.write(nb, executed)
+
+
+def real_width_note(key: str, root: Path) -> str:
+    """What experiment ``key`` costs at a real model's width, from ``make bench-scale``'s record
+    (``benchmarks/scale.json``): its default run's wall time and peak memory, and the seed profile's cost there;
+    "" where the record has no finished run of it."""
+    path = root / "benchmarks" / "scale.json"
+    record = json.loads(path.read_text()) if path.is_file() else {"rows": {}}
+    r = record["rows"].get(key)
+    if not r or not r.get("ok") or "seed_cost" not in r:
+        return ""
+    return (f" At real width — random weights of {r['model']}, on {record['machine']} — "
+            f"its default run took {r['wall_s']:.0f} s and a peak of {r['peak_rss_mib'] / 1024:.1f} GiB; the "
+            f"`seed` profile there: {r['seed_cost']} (`benchmarks/scale.md`, written by `make bench-scale`).")
 
 
 def provenance_cell(runs: list[Path], profile: str, seconds: float, root: Path) -> nbformat.NotebookNode:

@@ -129,7 +129,10 @@ def test_experiment_page_renders_offline(built_book, rendered, name: str) -> Non
 
 @pytest.mark.parametrize("name", TOC_NAMES)
 def test_page_states_its_profile(built_book, name: str) -> None:
-    """Each executed page says under its title which parameter profile it ran with (the book test: smoke)."""
+    """Each executed page says under its title which parameter profile it ran with (the book test: smoke), and,
+    where make bench-scale finished it at real width, what its default and seed profiles cost there."""
+    import json
+
     import nbformat
     run = built_book.runs[name]
     if not run.ok:
@@ -138,6 +141,10 @@ def test_page_states_its_profile(built_book, name: str) -> None:
     stamps = [c for c in nb.cells if "instab-profile" in c.metadata.get("tags", [])]
     assert len(stamps) == 1 and "`smoke` profile" in stamps[0].source, stamps
     assert nb.metadata["instab"]["run"]["profile"] == "smoke"
+    scale = json.loads((REPO / "benchmarks" / "scale.json").read_text())["rows"].get(name, {})
+    if scale.get("ok"):
+        assert f"default run took {scale['wall_s']:.0f} s" in stamps[0].source, stamps[0].source
+        assert scale["seed_cost"] in stamps[0].source and scale["model"] in stamps[0].source
 
 
 @pytest.mark.parametrize("name", TOC_NAMES)

@@ -146,3 +146,28 @@ def test_clear_errors(tmp_path):
     with pytest.raises(shapes.ShapeError, match="smaller than the bundled"):
         shapes.build("llama-3.2-1b", tmp_path / "y", layers=1, overrides={**SMALL["llama-3.2-1b"], "vocab_size": 100},
                      progress=False)
+
+
+
+def test_scale_run_reruns_the_upstream_run_a_notebook_reads(tmp_path):
+    """make bench-scale on a fresh work folder: a notebook still to run whose upstream notebook is recorded as
+    finished, but whose results are not in the work folder, gets that upstream run again first; a finished run
+    there (not an interrupted one) is enough."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import scale
+
+    names = ["exp12", "exp06", "exp07", "exp13", "exp15"]
+    done = {n: {"ok": True} for n in names}
+    assert scale.to_run(names, done, tmp_path) == []
+    assert scale.to_run(names, done | {"exp07": {"ok": False}}, tmp_path) == ["exp06", "exp07"]
+    assert scale.to_run(names, done | {"exp15": {}}, tmp_path) == ["exp12", "exp13", "exp15"]
+    exp06 = tmp_path / "results" / "exp06"
+    (exp06 / "20261206-000001-cd34.partial").mkdir(parents=True)  # an interrupted run is no run
+    (exp06 / "20261206-000001-cd34.partial" / "manifest.json").write_text("{}")
+    assert scale.to_run(names, done | {"exp07": {"ok": False}}, tmp_path) == ["exp06", "exp07"]
+    (exp06 / "20261206-000000-ab12").mkdir()
+    (exp06 / "20261206-000000-ab12" / "manifest.json").write_text("{}")
+    assert scale.to_run(names, done | {"exp07": {"ok": False}}, tmp_path) == ["exp07"]
