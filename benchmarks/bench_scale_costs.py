@@ -104,10 +104,10 @@ class Row:
         return f"{self.sec:.3g} s / {self.mb:.0f} MB"
 
 
-def extrapolated(fn: Callable[[int], Any], units: int, total: int) -> Row:
+def extrapolated(fn: Callable[[int], Any], units: int, total: int, unit: str) -> Row:
     """Run ``fn(units)`` and scale its time linearly to ``total`` units (memory as measured)."""
     sec, mb, _ = measure(lambda: fn(units))
-    return Row(sec * total / units, mb, extrapolated=units < total, note=f"{units} of {total} units")
+    return Row(sec * total / units, mb, extrapolated=units < total, note=f"{units} of {total} {unit}")
 
 
 # --- kernels: each returns {method name: Row}; the first entry is instab's, the seed's is marked ------------
@@ -127,10 +127,10 @@ def k_jacobian(h: ic.ModelHandle) -> dict[str, Row]:
         vmap(lambda u: vjp_fn(u)[0])(eye[:n])
 
     chunk = min(d, 256)
-    r = extrapolated(jacrev_rows, chunk, d)
+    r = extrapolated(jacrev_rows, chunk, d, "rows")
     A = torch.randn(d, d, dtype=torch.float64)
     t_svd, mb_svd, _ = measure(lambda: torch.linalg.svd(A))
-    rows["dense jacrev + SVD"] = Row(r.sec + t_svd, max(r.mb, mb_svd) + 4 * d * d / 2**20, r.extrapolated)
+    rows["dense jacrev + SVD"] = Row(r.sec + t_svd, max(r.mb, mb_svd) + 4 * d * d / 2**20, r.extrapolated, r.note)
 
     def seed_rows(n: int) -> None:  # torch.autograd.functional.jacobian: one backward per output row
         x = probe.x0.clone().requires_grad_(True)
@@ -138,8 +138,9 @@ def k_jacobian(h: ic.ModelHandle) -> dict[str, Row]:
         for i in range(n):
             torch.autograd.grad(y[i], x, retain_graph=True)
 
-    s = extrapolated(seed_rows, min(d, 16), d)
-    rows["seed: autograd jacobian + SVD"] = Row(s.sec + t_svd, max(s.mb, mb_svd) + 4 * d * d / 2**20, s.extrapolated)
+    s = extrapolated(seed_rows, min(d, 16), d, "rows")
+    rows["seed: autograd jacobian + SVD"] = Row(s.sec + t_svd, max(s.mb, mb_svd) + 4 * d * d / 2**20, s.extrapolated,
+                                                    s.note)
     return rows
 
 
@@ -174,7 +175,8 @@ def k_grid(h: ic.ModelHandle, n: int = 16, seed_cells: int = 16) -> dict[str, Ro
     sec, mb, _ = measure(lambda: dc.gap_grid(probe, probe.x0, h1, h2, a, a, pair=pair, audit=False))
     rows = {f"gap_grid {n}×{n}, batch 64": Row(sec, mb)}
     cells = np.arange(n * n)
-    s = extrapolated(lambda k: seed_style_cells(h, probe, probe.x0, h1, h2, a, a, cells[:k], *pair), seed_cells, n * n)
+    s = extrapolated(lambda k: seed_style_cells(h, probe, probe.x0, h1, h2, a, a, cells[:k], *pair), seed_cells, n * n,
+                     "cells")
     rows[f"seed: batch-1 forward per cell"] = s
     return rows
 
@@ -217,7 +219,7 @@ def k_levelset(h: ic.ModelHandle, dims: int = 2) -> dict[str, Row]:
         L.central_difference_normal(tight, x, delta=delta, method="newton", max_iters=100, variant="signed",
                                     dims=np.arange(k))
 
-    rows["seed: central differences (converging)"] = extrapolated(cd, min(d, dims), d)
+    rows["seed: central differences (converging)"] = extrapolated(cd, min(d, dims), d, "coordinates")
     return rows
 
 
