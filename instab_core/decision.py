@@ -942,6 +942,8 @@ class _GridRows:
 
         if self.p == 0:
             return "no prefix (position 0)"
+        if self.h.adapter.mixture_of_experts:  # the first batch's check would not cover the next batches' shapes
+            return "mixture of experts: each expert's batch shape depends on the routed rows"
         if getattr(self.h.model.config, "_attn_implementation", None) != "eager":
             return "attention is not eager"
         if "eager" in ALL_ATTENTION_FUNCTIONS._local_mapping:
@@ -996,12 +998,15 @@ class _GridRows:
         d = self.probe.d
         if d * u >= 0.5:
             return "d·u too large for an error bound"
-        blocks = sorted({int(t) // block for t in tokens})
-        cols = [(c * block, min((c + 1) * block, self.vocab)) for c in blocks]
-        if sum(c1 - c0 for c0, c1 in cols) >= self.vocab:
+        # Block c keeps columns [c·block, its end); every block computes exactly ``block`` columns (a last, partial
+        # block ends at V and starts inside the block before it), so that all are the same matmul shape: a narrower
+        # one runs another CPU kernel, whose sums differ in the last bits from the full head's.
+        ends = {c: min((c + 1) * block, self.vocab) for c in sorted({int(t) // block for t in tokens})}
+        cols = [(end - block, end, c * block) for c, end in ends.items()]
+        if sum(end - keep for _, end, keep in cols) >= self.vocab:
             return "the blocks cover the vocabulary"
         self.cols = cols
-        self.idx = torch.cat([torch.arange(c0, c1) for c0, c1 in cols]).to(self.ref.device)
+        self.idx = torch.cat([torch.arange(keep, end) for _, end, keep in cols]).to(self.ref.device)
         W = head.weight
         inside = torch.zeros(self.vocab, dtype=torch.bool, device=W.device)
         inside[self.idx] = True
@@ -1016,7 +1021,7 @@ class _GridRows:
 
     def head_blocks(self, H: torch.Tensor) -> torch.Tensor:
         W = self.h.unembed.weight
-        return torch.cat([torch.nn.functional.linear(H, W[c0:c1]) for c0, c1 in self.cols], dim=1)
+        return torch.cat([torch.nn.functional.linear(H, W[c0:c1])[:, keep - c0:] for c0, c1, keep in self.cols], dim=1)
 
     def certified(self, H: torch.Tensor, Lb: torch.Tensor) -> torch.Tensor:
         """[b] bool: the row's argmax over the whole vocabulary is provably inside the blocks."""
@@ -1070,7 +1075,7 @@ class _GridRows:
     def describe(self) -> dict[str, Any]:
         return {"prefix": self.prefix_reason, "tokens_per_row": self.L - self.p if self.prefix_reason == "used"
                 else self.L, "head": self.head_reason,
-                "head_columns": sum(c1 - c0 for c0, c1 in self.cols) if self.head_reason == "used" else self.vocab,
+                "head_columns": sum(c1 - c0 for c0, c1, _ in self.cols) if self.head_reason == "used" else self.vocab,
                 "plain_batches": self.plain_batches}
 
 

@@ -68,6 +68,11 @@ class Adapter:
     notes: tuple[str, ...] = ()
 
     @property
+    def mixture_of_experts(self) -> bool:
+        """Whether the MLP routes tokens to experts: each expert's matmul shape then depends on the data."""
+        return any(s in self.submodules for s in ("router", "experts"))
+
+    @property
     def projections(self) -> tuple[str, ...]:
         """Stage names whose module holds one 2-D weight matrix (for weight statistics)."""
         return tuple(s for s in self.submodules if s in PROJECTION_STAGES)

@@ -16,6 +16,7 @@ import torch
 
 import instab_core as ic
 from instab_core import decision as dc
+from instab_core import fp
 from randmodels import SESSION_SEED, random_model_dir
 
 PROMPT = "The capital of France is"
@@ -380,10 +381,29 @@ def test_grid_head_certificate_bounds_every_other_logit(probe, tie):
         np.testing.assert_array_equal(ev.idx[Lb.argmax(dim=1)][ok].numpy(), L.argmax(dim=1)[ok].numpy())
 
 
+def test_grid_head_blocks_are_one_shape_and_keep_each_column_once(probe, tie):
+    """A pair in the vocabulary's last, partial block: every block still computes exactly ``block`` columns (a
+    narrower matmul runs another CPU kernel), the kept columns are distinct and increasing, and the blocks equal
+    the full head's columns bit for bit."""
+    ev = dc._GridRows(probe, tie.x)
+    V, block = ev.vocab, 16  # the pair and the top 2: at most 4 blocks, fewer columns than the 98 tokens
+    assert V % block, "the test needs a vocabulary that is not a multiple of the block"
+    t1, t2 = V - 1, int(RNG.integers(0, V - block))
+    ev.prepare(t1, t2, True, block)
+    assert ev.head_reason == "candidate"
+    assert all(c1 - c0 == block for c0, c1, _ in ev.cols)
+    idx = ev.idx.tolist()
+    assert idx == sorted(set(idx)) and {t1, t2} <= set(idx) and idx[-1] == V - 1
+    H, L = ev.plain(tie.x + 1e-3 * torch.from_numpy(RNG.standard_normal((probe.batch_size, probe.d)).astype(np.float32)))
+    assert fp.bits_equal(ev.head_blocks(H), L[:, ev.idx]).all()
+
+
 @pytest.mark.parametrize("family", ["qwen2", "gemma2", "gemma3_text", "gpt_neox", "phi", "falcon", "granite",
                                     "mixtral"])
 def test_grid_fast_rows_equal_the_plain_rows_in_other_families(family, tmp_path):
-    """Whatever route each family allows (softcapped or scaled heads keep the full head), the plain rows."""
+    """Whatever route each family allows (softcapped or scaled heads keep the full head; mixture-of-experts
+    models no prefix route, since the experts' batch shapes follow the data), the plain rows. The same batches
+    on both sides, so the position-invariance audit (which a random MoE model can fail) is not needed here."""
     from randmodels import family_model_dir
 
     h = ic.load_model(family_model_dir(tmp_path / family, family))
@@ -391,9 +411,12 @@ def test_grid_fast_rows_equal_the_plain_rows_in_other_families(family, tmp_path)
     x = probe.x0.clone()
     h1, h2 = (torch.from_numpy(v) for v in _directions(probe))
     a = dc.grid_axis(-1e-3, 1e-3, n=7)
-    fast = dc.gap_grid(probe, x, h1, h2, a, a, head_block=64)
-    _grids_equal(fast, dc.gap_grid(probe, x, h1, h2, a, a, fast=False))
+    fast = dc.gap_grid(probe, x, h1, h2, a, a, head_block=64, audit=False)
+    _grids_equal(fast, dc.gap_grid(probe, x, h1, h2, a, a, fast=False, audit=False))
     assert set(fast.path) == {"prefix", "tokens_per_row", "head", "head_columns", "plain_batches"}
+    assert h.adapter.mixture_of_experts == (family == "mixtral")
+    if h.adapter.mixture_of_experts:
+        assert fast.path["prefix"].startswith("mixture of experts")
 
 
 def test_grid_rejects_bad_input(probe, tie):
