@@ -231,7 +231,10 @@ def main() -> None:
     root = book.repo_root()
     order = [n for n in book.experiments(root) if n not in LAST] + [n for n in LAST if n in book.experiments(root)]
     wanted = set(args.only.split(",") if args.only else order)
-    names = [n for n in order if n in wanted | {u for n in wanted for u in UPSTREAM.get(n, [])}]
+    if wanted - set(order):
+        raise SystemExit(f"--only: no notebook {sorted(wanted - set(order))}; the notebooks are {order}")
+    wanted |= {u for n in wanted for u in UPSTREAM.get(n, [])}
+    names = [n for n in order if n in wanted]
     md = Path(args.md)
     store = md.with_suffix(".json")
     record = json.loads(store.read_text()) if store.is_file() and not args.fresh else {}
