@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import logging
 import os
 import re
 import shutil
@@ -224,6 +225,20 @@ def run_notebook(
     )
 
 
+class _DeclaredParameters(logging.Filter):
+    """Drops papermill's "Passed unknown parameter: NAME" for names the parameters cell declares: papermill's own
+    parser skips annotated unions (``layers: str | list[int] | None = None``), which ``params`` reads and checks
+    before anything runs, and injects them all the same."""
+
+    def __init__(self, names: set[str]) -> None:
+        super().__init__()
+        self.names = names
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        head, _, name = record.getMessage().partition("Passed unknown parameter: ")
+        return head != "" or name not in self.names
+
+
 def execute(src: Path, out: Path, parameters: dict, root: Path, env: dict[str, str] | None = None,
             progress: bool = False, finish: Any = None) -> tuple[bool, str | None, float]:
     """Papermill ``src`` into ``out`` atomically (kernel cwd ``root``, extra environment ``env``).
@@ -246,6 +261,9 @@ def execute(src: Path, out: Path, parameters: dict, root: Path, env: dict[str, s
     os.environ.update(env)  # papermill starts the kernel with this process's environment
     ok, error = True, None
     t0 = time.perf_counter()
+    declared = _DeclaredParameters(set(params.declared(src)))
+    papermill_log = logging.getLogger("papermill")
+    papermill_log.addFilter(declared)
     try:
         papermill.execute_notebook(
             str(src),
@@ -261,6 +279,7 @@ def execute(src: Path, out: Path, parameters: dict, root: Path, env: dict[str, s
     except Exception as e:  # kernel death, bad parameter names, ...: report, keep going
         ok, error = False, f"{type(e).__name__}: {e}"
     finally:
+        papermill_log.removeFilter(declared)
         seconds = time.perf_counter() - t0
         for k, v in saved.items():
             if v is None:

@@ -235,6 +235,32 @@ NOTEBOOK_CASES = [
 ]
 
 
+def test_papermill_does_not_call_a_declared_union_parameter_unknown(tmp_path, caplog):
+    """papermill's parser skips ``layers: str | None = None`` and so warns "Passed unknown parameter: layers" on a
+    run that sets it, though it injects it; book.execute drops that warning for the names the cell declares, and
+    keeps it for a name the cell does not declare."""
+    import logging
+
+    import nbformat
+
+    from instab_core import book
+    nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "language": "python",
+                                                           "display_name": "Python 3"}})
+    cell = nbformat.v4.new_code_cell("layers: str | list[int] | None = None  # a union papermill cannot parse")
+    cell.metadata["tags"] = ["parameters"]
+    nb.cells = [cell, nbformat.v4.new_code_cell("print(repr(layers))")]
+    src = tmp_path / "union.ipynb"
+    nbformat.write(nb, src)
+    with caplog.at_level(logging.WARNING, logger="papermill"):
+        ok, error, _ = book.execute(src, tmp_path / "out.ipynb", {"layers": "0,last", "undeclared": 1}, tmp_path)
+    assert ok, error
+    warned = [r.getMessage() for r in caplog.records if "Passed unknown parameter" in r.getMessage()]
+    assert warned == ["Passed unknown parameter: undeclared"]
+    out = nbformat.read(tmp_path / "out.ipynb", as_version=4)
+    assert out.cells[-1].outputs[0]["text"].strip() == "'0,last'"  # injected all the same
+    assert not logging.getLogger("papermill").filters
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("what,extra,words", NOTEBOOK_CASES, ids=[c[0] for c in NOTEBOOK_CASES])
 def test_notebook_failure_is_one_line(checkout, tmp_path, capsys, monkeypatch, what, extra, words):
