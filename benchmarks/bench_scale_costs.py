@@ -301,12 +301,6 @@ def markdown(record: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _save(path: Path, record: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, path)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="128,512,2048")
@@ -357,7 +351,7 @@ def main() -> None:
                     print(f"  {k:10} ({time.perf_counter() - t:.1f} s) "
                           + "; ".join(f"{m} {r.cell()}" for m, r in rows.items()), flush=True)
                 if store:
-                    _save(store, record)
+                    ic.results.write_json(store, record)
             del h
             gc.collect()
     print(f"\n(measured in {time.perf_counter() - t_all:.0f} s)\n")

@@ -908,7 +908,8 @@ class _GridRows:
     def __init__(self, probe: Probe, x: torch.Tensor) -> None:
         self.probe, self.h = probe, probe.handle
         self.p, self.L, self.b = probe.position, int(probe.ids.shape[0]), probe.batch_size
-        self.plain_batches = 0
+        self.plain_batches = 0  # batches run whole (the reference, the verified one, and all without the routes)
+        self.full_head_batches = 0  # batches whose argmax the blocks could not certify: the full head on their states
         Hr, Lr = self.plain(probe.pad(x[None])[0][0])  # the reference f(x) in the fixed batch shape
         self.ref, self.h_ref = Lr[0], Hr[0]
         self.vocab = int(self.ref.shape[0])
@@ -1042,8 +1043,9 @@ class _GridRows:
             return L[:, t1] - L[:, t2], L.argmax(dim=1)
         H = self.prefix_hidden(X) if use_prefix else self.plain_hidden(X)
         Lb = self.head_blocks(H)
-        if not bool(self.certified(H, Lb).all()):
-            L = self.plain(X)[1]
+        if not bool(self.certified(H, Lb).all()):  # H is bitwise the plain rows' state: only the head is missing
+            self.full_head_batches += 1
+            L = self.h.logits(H)
             return L[:, t1] - L[:, t2], L.argmax(dim=1)
         return Lb[:, self.pos[t1]] - Lb[:, self.pos[t2]], self.idx[Lb.argmax(dim=1)]
 
@@ -1076,7 +1078,7 @@ class _GridRows:
         return {"prefix": self.prefix_reason, "tokens_per_row": self.L - self.p if self.prefix_reason == "used"
                 else self.L, "head": self.head_reason,
                 "head_columns": sum(c1 - c0 for c0, c1, _ in self.cols) if self.head_reason == "used" else self.vocab,
-                "plain_batches": self.plain_batches}
+                "plain_batches": self.plain_batches, "full_head_batches": self.full_head_batches}
 
 
 def _chunk_rows(probe: Probe, vocab: int, memory_bytes: int) -> int:

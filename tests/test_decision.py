@@ -317,8 +317,8 @@ def test_grid_fast_rows_equal_the_plain_rows(handle, position, scale):
         one = probe.forward(torch.from_numpy(X[r])[None])[0]
         assert np.float32(one[t1] - one[t2]) == fast.G[i, j] and int(one.argmax()) == fast.top[i, j]
     outside = ~np.isin(plain.top, np.concatenate([np.arange(c * 32, c * 32 + 32) for c in {t1 // 32, t2 // 32}]))
-    if outside.any() and fast.path["head"] == "used":  # argmax off the pair's blocks: those batches ran plain
-        assert fast.path["plain_batches"] > 2
+    if outside.any() and fast.path["head"] == "used":  # argmax off the pair's blocks: the full head on those batches
+        assert fast.path["full_head_batches"] > 0 and fast.path["plain_batches"] == 2  # the reference, the verified
 
 
 def test_grid_fast_rows_with_a_pair_that_is_not_the_top(probe, tie):
@@ -373,7 +373,6 @@ def test_grid_head_certificate_bounds_every_other_logit(probe, tie):
     for scale in (1e-6, 1e-3, 1e-1):
         X = tie.x + scale * torch.from_numpy(RNG.standard_normal((probe.batch_size, probe.d)).astype(np.float32))
         H, L = ev.plain(X)
-        Lb = ev.head_blocks(H)
         H64 = H.double()
         c = (H64 - ev.h_ref64).norm(dim=1) + ev.gamma * (H64.norm(dim=1) + ev.h_ref_norm)
         bound = ev.m_out + ev.n_out * c
@@ -383,8 +382,6 @@ def test_grid_head_certificate_bounds_every_other_logit(probe, tie):
         inside = L[:, ev.idx]
         ok = ev.certified(H, inside)
         np.testing.assert_array_equal(ev.idx[inside.argmax(dim=1)][ok].numpy(), L.argmax(dim=1)[ok].numpy())
-        if fp.bits_equal(Lb, inside).all():
-            assert torch.equal(ev.certified(H, Lb), ok)
         if scale == 1e-6:  # next to the reference the argmax is certified, so the check above is not vacuous
             assert bool(ok.all())
 
@@ -421,7 +418,7 @@ def test_grid_fast_rows_equal_the_plain_rows_in_other_families(family, tmp_path)
     a = dc.grid_axis(-1e-3, 1e-3, n=7)
     fast = dc.gap_grid(probe, x, h1, h2, a, a, head_block=64, audit=False)
     _grids_equal(fast, dc.gap_grid(probe, x, h1, h2, a, a, fast=False, audit=False))
-    assert set(fast.path) == {"prefix", "tokens_per_row", "head", "head_columns", "plain_batches"}
+    assert set(fast.path) == {"prefix", "tokens_per_row", "head", "head_columns", "plain_batches", "full_head_batches"}
     assert h.adapter.mixture_of_experts == (family == "mixtral")
     if h.adapter.mixture_of_experts:
         assert fast.path["prefix"].startswith("mixture of experts")

@@ -148,7 +148,6 @@ def test_clear_errors(tmp_path):
                      progress=False)
 
 
-
 def test_scale_run_reruns_the_upstream_run_a_notebook_reads(tmp_path):
     """make bench-scale on a fresh work folder: a notebook still to run whose upstream notebook is recorded as
     finished, but whose results are not in the work folder, gets that upstream run again first; a finished run
